@@ -1,0 +1,117 @@
+//! Assembling a host: store, runtime, handlers, pipeline, broker, relay and
+//! background tasks, started together and stopped together.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::embedded::{self, EmbeddedBroker};
+use crate::manifest::Manifest;
+use crate::pipeline::Pipeline;
+use crate::registry::Registry;
+use crate::relay::{self, RelayTrigger};
+use crate::runtime::{EngineConfig, Runtime};
+use crate::server::{self, AppState};
+use crate::store::{DeliveryStore, EmbeddedStore};
+
+/// How often expired idempotency records are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(600);
+/// How long a stopping host waits for events in progress.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the host keeps its files, and how it sizes the runtime.
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// The directory of the embedded store (`wasmsub.redb`).
+    pub data_dir: PathBuf,
+    pub engine: EngineConfig,
+}
+
+impl HostOptions {
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("wasmsub.redb")
+    }
+}
+
+/// A running host on the embedded broker and store.
+pub struct EmbeddedHost {
+    pub registry: Arc<Registry>,
+    pub pipeline: Arc<Pipeline>,
+    pub broker: EmbeddedBroker,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl EmbeddedHost {
+    /// Loads every handler (a bad component stops start-up with its path)
+    /// and starts the dispatcher, the outbox relay and the purge task.
+    pub async fn start(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<Self> {
+        let store: Arc<dyn DeliveryStore> = Arc::new(EmbeddedStore::open(&options.store_path())?);
+        Self::start_with_store(manifest, options, store).await
+    }
+
+    /// As [`start`](Self::start), on a given store (benchmarks, tests).
+    pub async fn start_with_store(manifest: &Manifest, options: &HostOptions, store: Arc<dyn DeliveryStore>) -> anyhow::Result<Self> {
+        let mut engine_config = options.engine.clone();
+        let largest_memory = manifest.tenants.iter().map(|t| t.limits.memory_mib as usize * 1024 * 1024).max().unwrap_or(0);
+        engine_config.max_memory_bytes = engine_config.max_memory_bytes.max(largest_memory);
+        let runtime = Runtime::new(&engine_config)?;
+        // Compiling components is CPU work: keep it off the async threads.
+        let registry = {
+            let (manifest, runtime) = (manifest.clone(), runtime.clone());
+            Arc::new(tokio::task::spawn_blocking(move || Registry::load(&manifest, &runtime)).await??)
+        };
+        let trigger = RelayTrigger::default();
+        let pipeline = Arc::new(Pipeline::new(store.clone(), runtime, trigger.clone(), manifest.idempotency.clone()));
+        let (broker, queue) = EmbeddedBroker::new(registry.clone(), pipeline.clone());
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        tasks.spawn(embedded::run_dispatcher(queue, registry.clone(), pipeline.clone(), tasks.clone(), shutdown.clone()));
+        tasks.spawn(relay::run(store.clone(), Arc::new(broker.clone()), trigger.clone(), shutdown.clone()));
+        tasks.spawn(purge_expired(store, shutdown.clone()));
+        // Entries a previous run committed but did not publish go out now.
+        trigger.poke();
+        Ok(Self { registry, pipeline, broker, tasks, shutdown })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        server::router(AppState { registry: self.registry.clone(), pipeline: self.pipeline.clone(), broker: self.broker.clone() })
+    }
+
+    /// Stops background work and waits (bounded) for deliveries in progress.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.tasks.wait()).await.is_err() {
+            tracing::warn!("deliveries still running after {DRAIN_TIMEOUT:?}; stopping anyway");
+        }
+    }
+}
+
+/// Runs the embedded host, serving HTTP on `listener`, until `shutdown`.
+pub async fn run(listener: TcpListener, manifest: Manifest, options: HostOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let host = EmbeddedHost::start(&manifest, &options).await.context("starting the host")?;
+    let served = server::serve(listener, host.router(), shutdown).await;
+    host.shutdown().await;
+    served
+}
+
+async fn purge_expired(store: Arc<dyn DeliveryStore>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PURGE_INTERVAL) => {}
+        }
+        match store.purge_expired().await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "expired idempotency records purged"),
+            Err(error) => tracing::warn!(%error, "purging expired idempotency records failed; will try again"),
+        }
+    }
+}

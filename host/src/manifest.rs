@@ -1,0 +1,328 @@
+//! The manifest (`wasmsub.toml`): tenants, their limits, and their handlers.
+//!
+//! Parsing is strict: an unknown field or a bad value is refused with the
+//! file, the field and why, because a typo in a limit silently falling back
+//! to a default is how a sandbox gets looser than its operator thinks.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::dedupe::IdMode;
+use crate::retry::RetryPolicy;
+
+/// Seven days: long enough to outlast any broker's redelivery of the same
+/// message (Dapr's Redis and Kafka components redeliver within minutes), short
+/// enough that the store does not grow without bound.
+pub const DEFAULT_PROCESSED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Added to an event's worst-case processing time to form its lease, so a
+/// slow disk or a busy host does not let a live claim expire under it.
+pub const DEFAULT_LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// Linear memory a guest instance may grow to. Handlers of JSON events rarely
+/// need more than a few MiB; 64 MiB leaves room while bounding a tenant.
+pub const DEFAULT_MEMORY_MIB: u32 = 64;
+/// CPU time one attempt may take before it is interrupted (epoch deadline).
+pub const DEFAULT_CPU_TIME: Duration = Duration::from_secs(1);
+/// Largest event body accepted, the same bound as Dapr's default HTTP body.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+/// Events of one tenant handled at once; the rest wait their turn.
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 16;
+/// The pub/sub component name Dapr's quick starts use.
+pub const DEFAULT_PUBSUB: &str = "pubsub";
+
+/// The whole manifest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
+    #[serde(default, rename = "tenant")]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// How long the host remembers events and guards them while in flight.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    /// How long a processed (or dead-lettered) event is remembered.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Slack added to an event's lease (see [`DEFAULT_LEASE_MARGIN`]).
+    #[serde(with = "humantime_serde")]
+    pub lease_margin: Duration,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self { ttl: DEFAULT_PROCESSED_TTL, lease_margin: DEFAULT_LEASE_MARGIN }
+    }
+}
+
+/// One tenant: a namespace for state, a set of limits, and its handlers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    #[serde(default)]
+    pub limits: TenantLimits,
+    #[serde(rename = "handler")]
+    pub handlers: Vec<HandlerConfig>,
+}
+
+/// What one tenant's handlers may consume.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantLimits {
+    /// Linear memory per instance, in MiB.
+    pub memory_mib: u32,
+    /// CPU time per attempt.
+    #[serde(with = "humantime_serde")]
+    pub cpu_time: Duration,
+    /// Largest event body accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// Events handled at once across the tenant's handlers.
+    pub max_concurrency: u32,
+    /// Topics the tenant's handlers may publish to; absent means any topic.
+    pub publish_topics: Option<Vec<String>>,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        Self {
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cpu_time: DEFAULT_CPU_TIME,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            publish_topics: None,
+        }
+    }
+}
+
+/// One handler: a component bound to a topic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerConfig {
+    pub name: String,
+    /// Path of the `.wasm` component, relative to the manifest's directory.
+    pub component: PathBuf,
+    #[serde(default = "default_pubsub")]
+    pub pubsub: String,
+    pub topic: String,
+    /// The HTTP route Dapr delivers to; default `/events/{tenant}/{handler}`.
+    pub route: Option<String>,
+    /// Where failed events go; default `{topic}-dead-letter`.
+    pub dead_letter_topic: Option<String>,
+    #[serde(default)]
+    pub id_mode: IdMode,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+fn default_pubsub() -> String {
+    DEFAULT_PUBSUB.to_owned()
+}
+
+impl HandlerConfig {
+    pub fn route(&self, tenant: &str) -> String {
+        self.route.clone().unwrap_or_else(|| format!("/events/{tenant}/{}", self.name))
+    }
+
+    pub fn dead_letter_topic(&self) -> String {
+        self.dead_letter_topic.clone().unwrap_or_else(|| format!("{}-dead-letter", self.topic))
+    }
+}
+
+impl Manifest {
+    /// Reads, parses and validates a manifest file. Component paths come back
+    /// resolved against the manifest's directory.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading manifest {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).with_context(|| format!("invalid manifest {}", path.display()))
+    }
+
+    /// Parses and validates manifest text; `base` resolves component paths.
+    pub fn parse(text: &str, base: &Path) -> anyhow::Result<Self> {
+        let mut manifest: Manifest = toml::from_str(text)?;
+        manifest.validate()?;
+        for handler in manifest.tenants.iter_mut().flat_map(|t| t.handlers.iter_mut()) {
+            if handler.component.is_relative() {
+                handler.component = base.join(&handler.component);
+            }
+        }
+        Ok(manifest)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.tenants.is_empty() {
+            bail!("no [[tenant]] is defined: the host would have nothing to run");
+        }
+        let mut tenant_names = HashSet::new();
+        let mut routes = HashSet::new();
+        for tenant in &self.tenants {
+            check_name("tenant name", &tenant.name)?;
+            if !tenant_names.insert(&tenant.name) {
+                bail!("tenant `{}` is defined twice", tenant.name);
+            }
+            validate_limits(&tenant.limits).with_context(|| format!("tenant `{}` limits", tenant.name))?;
+            if tenant.handlers.is_empty() {
+                bail!("tenant `{}` has no [[tenant.handler]]", tenant.name);
+            }
+            let mut handler_names = HashSet::new();
+            for handler in &tenant.handlers {
+                let context = || format!("tenant `{}` handler `{}`", tenant.name, handler.name);
+                check_name("handler name", &handler.name).with_context(context)?;
+                if !handler_names.insert(&handler.name) {
+                    bail!("tenant `{}` defines handler `{}` twice", tenant.name, handler.name);
+                }
+                validate_handler(handler).with_context(context)?;
+                let route = handler.route(&tenant.name);
+                if !routes.insert(route.clone()) {
+                    bail!("route `{route}` is used by two handlers ({})", context());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_limits(limits: &TenantLimits) -> anyhow::Result<()> {
+    if limits.memory_mib == 0 || limits.memory_mib > 4096 {
+        bail!("memory_mib must be between 1 and 4096, not {}", limits.memory_mib);
+    }
+    if limits.cpu_time < Duration::from_millis(10) {
+        bail!("cpu_time must be at least 10ms (the interruption tick), not {:?}", limits.cpu_time);
+    }
+    if limits.max_payload_bytes == 0 {
+        bail!("max_payload_bytes must be positive");
+    }
+    if limits.max_concurrency == 0 {
+        bail!("max_concurrency must be positive");
+    }
+    Ok(())
+}
+
+fn validate_handler(handler: &HandlerConfig) -> anyhow::Result<()> {
+    if handler.component.as_os_str().is_empty() {
+        bail!("component path is empty");
+    }
+    check_topic("topic", &handler.topic)?;
+    check_topic("pubsub", &handler.pubsub)?;
+    if let Some(route) = &handler.route
+        && (!route.starts_with('/') || route.contains(char::is_whitespace))
+    {
+        bail!("route `{route}` must start with `/` and contain no spaces");
+    }
+    let dead_letter = handler.dead_letter_topic();
+    check_topic("dead_letter_topic", &dead_letter)?;
+    if dead_letter == handler.topic {
+        bail!("dead_letter_topic is the handler's own topic: failed events would loop back");
+    }
+    handler.retry.validate().map_err(anyhow::Error::msg)
+}
+
+/// Names appear in routes, logs and store keys: keep them to a safe alphabet.
+fn check_name(what: &str, name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !ok {
+        bail!("{what} `{name}` must be 1 to 64 characters of a-z, 0-9, `-` and `_`");
+    }
+    Ok(())
+}
+
+fn check_topic(what: &str, topic: &str) -> anyhow::Result<()> {
+    if topic.is_empty() || topic.len() > 255 || topic.contains(['/', ' ', '\n']) {
+        bail!("{what} `{topic}` must be 1 to 255 characters with no `/` or whitespace");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [idempotency]
+        ttl = "1h"
+
+        [[tenant]]
+        name = "todo"
+        limits = { memory_mib = 32, cpu_time = "250ms" }
+
+        [[tenant.handler]]
+        name = "task-created"
+        component = "guests/task_created.wasm"
+        topic = "task-created"
+        id_mode = "content"
+        retry = { max_attempts = 5, min = "100ms", max = "1s" }
+    "#;
+
+    fn error_of(text: &str) -> String {
+        format!("{:#}", Manifest::parse(text, Path::new("/m")).unwrap_err())
+    }
+
+    #[test]
+    fn parses_a_good_manifest_with_defaults() {
+        let manifest = Manifest::parse(GOOD, Path::new("/srv/app")).unwrap();
+        assert_eq!(manifest.idempotency.ttl, Duration::from_secs(3600));
+        assert_eq!(manifest.idempotency.lease_margin, DEFAULT_LEASE_MARGIN);
+        let tenant = &manifest.tenants[0];
+        assert_eq!(tenant.limits.memory_mib, 32);
+        assert_eq!(tenant.limits.max_concurrency, DEFAULT_MAX_CONCURRENCY);
+        let handler = &tenant.handlers[0];
+        assert_eq!(handler.component, Path::new("/srv/app/guests/task_created.wasm"));
+        assert_eq!(handler.pubsub, "pubsub");
+        assert_eq!(handler.id_mode, IdMode::Content);
+        assert_eq!(handler.retry.max_attempts, 5);
+        assert_eq!(handler.retry.multiplier, 1.0);
+        assert_eq!(handler.route("todo"), "/events/todo/task-created");
+        assert_eq!(handler.dead_letter_topic(), "task-created-dead-letter");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let err = error_of(&GOOD.replace("id_mode", "idmode"));
+        assert!(err.contains("unknown field `idmode`"), "{err}");
+        let err = error_of(&GOOD.replace("memory_mib", "memory"));
+        assert!(err.contains("unknown field `memory`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_say_which_field_and_why() {
+        let err = error_of(&GOOD.replace(r#"min = "100ms""#, r#"min = "5s""#));
+        assert!(err.contains("tenant `todo` handler `task-created`") && err.contains("retry.min (5s) is greater"), "{err}");
+        let err = error_of(&GOOD.replace(r#"id_mode = "content""#, r#"id_mode = "random""#));
+        assert!(err.contains("unknown variant `random`"), "{err}");
+        let err = error_of(&GOOD.replace(r#"cpu_time = "250ms""#, r#"cpu_time = "1ms""#));
+        assert!(err.contains("tenant `todo` limits") && err.contains("cpu_time"), "{err}");
+        let err = error_of(&GOOD.replace(r#"name = "todo""#, r#"name = "To Do""#));
+        assert!(err.contains("tenant name `To Do`"), "{err}");
+        let err = error_of(&GOOD.replace(r#"topic = "task-created""#, "topic = \"t\"\ndead_letter_topic = \"t\""));
+        assert!(err.contains("loop back"), "{err}");
+        let err = error_of(&GOOD.replace(r#"ttl = "1h""#, r#"ttl = "soon""#));
+        assert!(err.contains("ttl"), "{err}");
+    }
+
+    #[test]
+    fn duplicates_and_empty_manifests_are_refused() {
+        assert!(error_of("").contains("no [[tenant]]"));
+        let twice = format!("{GOOD}\n[[tenant.handler]]\nname = \"task-created\"\ncomponent = \"x.wasm\"\ntopic = \"other\"\n");
+        assert!(error_of(&twice).contains("defines handler `task-created` twice"));
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasmsub.toml");
+        std::fs::write(&path, "[[tenant]]\nname = 3\n").unwrap();
+        let err = format!("{:#}", Manifest::load(&path).unwrap_err());
+        assert!(err.contains("wasmsub.toml") && err.contains("name"), "{err}");
+        let missing = format!("{:#}", Manifest::load(&dir.path().join("nope.toml")).unwrap_err());
+        assert!(missing.contains("reading manifest") && missing.contains("nope.toml"), "{missing}");
+    }
+}

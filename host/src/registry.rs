@@ -1,0 +1,114 @@
+//! The registry: tenants and their handlers as loaded from the manifest, each
+//! handler with the component version currently serving it.
+//!
+//! A handler's current version sits behind a lock that is held only to clone
+//! an `Arc`: an event takes the version it starts with and finishes on it,
+//! whatever is swapped in meanwhile.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use tokio::sync::Semaphore;
+
+use crate::manifest::{HandlerConfig, Manifest, TenantLimits};
+use crate::runtime::{HandlerComponent, Runtime};
+
+pub struct Tenant {
+    pub name: Arc<str>,
+    pub limits: TenantLimits,
+    pub publish_topics: Option<Arc<[String]>>,
+    /// Bounds the tenant's attempts running at once.
+    pub concurrency: Arc<Semaphore>,
+}
+
+pub struct Handler {
+    pub tenant: Arc<Tenant>,
+    pub name: Arc<str>,
+    pub config: HandlerConfig,
+    pub route: String,
+    pub dead_letter_topic: String,
+    current: RwLock<Arc<HandlerComponent>>,
+}
+
+impl Handler {
+    /// The version new events run on.
+    pub fn current(&self) -> Arc<HandlerComponent> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Switches new events to `component`; returns the previous version.
+    pub fn swap(&self, component: Arc<HandlerComponent>) -> Arc<HandlerComponent> {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut current, component)
+    }
+}
+
+/// Every handler, indexed the ways deliveries arrive.
+pub struct Registry {
+    pub handlers: Vec<Arc<Handler>>,
+    by_topic: HashMap<(String, String), Vec<Arc<Handler>>>,
+    by_route: HashMap<String, Arc<Handler>>,
+}
+
+impl Registry {
+    /// Loads every handler's component; the first that fails stops start-up
+    /// with an error naming the tenant, handler and file.
+    pub fn load(manifest: &Manifest, runtime: &Runtime) -> anyhow::Result<Self> {
+        let mut handlers = Vec::new();
+        for tenant_config in &manifest.tenants {
+            let tenant = Arc::new(Tenant {
+                name: tenant_config.name.as_str().into(),
+                limits: tenant_config.limits.clone(),
+                publish_topics: tenant_config.limits.publish_topics.clone().map(Into::into),
+                concurrency: Arc::new(Semaphore::new(tenant_config.limits.max_concurrency as usize)),
+            });
+            for config in &tenant_config.handlers {
+                let component = runtime
+                    .load(&config.component)
+                    .with_context(|| format!("loading tenant `{}` handler `{}`", tenant.name, config.name))?;
+                tracing::info!(tenant = %tenant.name, handler = %config.name, handler.version = component.short_version(),
+                    topic = %config.topic, "handler loaded");
+                handlers.push(Arc::new(Handler {
+                    tenant: tenant.clone(),
+                    name: config.name.as_str().into(),
+                    route: config.route(&tenant.name),
+                    dead_letter_topic: config.dead_letter_topic(),
+                    config: config.clone(),
+                    current: RwLock::new(Arc::new(component)),
+                }));
+            }
+        }
+        let mut by_topic: HashMap<_, Vec<_>> = HashMap::new();
+        let mut by_route = HashMap::new();
+        for handler in &handlers {
+            by_topic
+                .entry((handler.config.pubsub.clone(), handler.config.topic.clone()))
+                .or_default()
+                .push(handler.clone());
+            by_route.insert(handler.route.clone(), handler.clone());
+        }
+        Ok(Self { handlers, by_topic, by_route })
+    }
+
+    /// The handlers subscribed to `topic` of `pubsub`.
+    pub fn subscribers(&self, pubsub: &str, topic: &str) -> &[Arc<Handler>] {
+        self.by_topic.get(&(pubsub.to_owned(), topic.to_owned())).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn by_route(&self, route: &str) -> Option<&Arc<Handler>> {
+        self.by_route.get(route)
+    }
+
+    /// The pub/sub component names the manifest uses.
+    pub fn pubsub_names(&self) -> Vec<String> {
+        let mut names: Vec<_> = self.handlers.iter().map(|h| h.config.pubsub.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    pub fn find(&self, tenant: &str, handler: &str) -> Option<&Arc<Handler>> {
+        self.handlers.iter().find(|h| &*h.tenant.name == tenant && &*h.name == handler)
+    }
+}

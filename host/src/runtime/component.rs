@@ -1,0 +1,55 @@
+//! Loading a handler component: read, hash, compile, and check it against the
+//! handler world before it may serve. One `HandlerPre` per version: imports
+//! are resolved once here, so per-event instantiation does no linking.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::{Component, Linker};
+
+use super::bindings::{HANDLER_WORLD, HandlerPre};
+use super::host_state::AttemptState;
+
+/// A loaded, checked handler version.
+pub struct HandlerComponent {
+    /// sha256 of the component bytes, in hex: the version's identity.
+    pub version: String,
+    pub path: PathBuf,
+    pub(super) pre: HandlerPre<AttemptState>,
+}
+
+impl HandlerComponent {
+    /// The first 12 hex digits of the version, for logs.
+    pub fn short_version(&self) -> &str {
+        &self.version[..12]
+    }
+}
+
+/// Why a component cannot serve; the old version (if any) keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read component {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("component {path} is not a valid WebAssembly component: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("component {path} does not target the world {HANDLER_WORLD}: {reason}")]
+    WrongWorld { path: PathBuf, reason: String },
+}
+
+pub fn load(engine: &Engine, linker: &Linker<AttemptState>, path: &Path) -> Result<HandlerComponent, LoadError> {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+    from_bytes(engine, linker, path, &bytes)
+}
+
+pub fn from_bytes(engine: &Engine, linker: &Linker<AttemptState>, path: &Path, bytes: &[u8]) -> Result<HandlerComponent, LoadError> {
+    let version = hex::encode(Sha256::digest(bytes));
+    let component = Component::from_binary(engine, bytes)
+        .map_err(|e| LoadError::Invalid { path: path.to_owned(), reason: format!("{e:#}") })?;
+    // Unsatisfied imports fail here, missing or mistyped exports in
+    // `HandlerPre::new`: both mean "not a handler".
+    let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld { path: path.to_owned(), reason: format!("{e:#}") };
+    let instance_pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
+    let pre = HandlerPre::new(instance_pre).map_err(wrong_world)?;
+    Ok(HandlerComponent { version, path: path.to_owned(), pre })
+}

@@ -1,0 +1,171 @@
+//! What one attempt's store holds, and the host functions the guest imports
+//! (`log`, `state`, `publisher`). Each attempt gets a fresh `AttemptState`:
+//! no buffer, counter or WASI resource outlives the attempt.
+
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::{GuestLogLevel, log, publisher, state, types};
+use crate::effects::{Effects, PendingPublish};
+use crate::store::DeliveryStore;
+
+/// Log bytes one event's attempt may write; beyond it lines are dropped and
+/// counted, so a chatty guest cannot flood the host's logs.
+pub const MAX_LOG_BYTES_PER_ATTEMPT: usize = 64 * 1024;
+/// Longest single log line kept; longer lines are cut.
+pub const MAX_LOG_LINE_BYTES: usize = 4 * 1024;
+/// Guest stderr kept (a panic message ends up there).
+pub const MAX_STDERR_BYTES: usize = 4 * 1024;
+
+/// Who the attempt runs for, and what it may touch.
+#[derive(Clone)]
+pub struct AttemptContext {
+    pub tenant: Arc<str>,
+    pub handler: Arc<str>,
+    pub version: Arc<str>,
+    pub event_id: Arc<str>,
+    pub store: Arc<dyn DeliveryStore>,
+    /// Topics the tenant may publish to; `None` means any.
+    pub publish_topics: Option<Arc<[String]>>,
+    pub memory_bytes: usize,
+    /// The async runtime, for state reads made from the blocking guest thread.
+    pub runtime: tokio::runtime::Handle,
+}
+
+pub struct AttemptState {
+    pub(super) ctx: AttemptContext,
+    pub(super) effects: Effects,
+    pub(super) limits: StoreLimits,
+    /// Set when a host call failed for a reason that is the host's, not the
+    /// guest's (the store was down): the attempt is then not held against
+    /// the guest's retry budget.
+    pub(super) infrastructure_error: Option<String>,
+    pub(super) stderr: MemoryOutputPipe,
+    log_bytes: usize,
+    pub(super) log_lines_dropped: u32,
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl AttemptState {
+    pub fn new(ctx: AttemptContext) -> Self {
+        let stderr = MemoryOutputPipe::new(MAX_STDERR_BYTES);
+        // Default-deny: no preopened directories, no environment, no
+        // arguments, no network, stdin empty and stdout discarded. Clocks and
+        // random numbers stay available.
+        let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(ctx.memory_bytes)
+            .instances(crate::runtime::engine::MAX_INSTANCES_PER_STORE)
+            // A failed memory.grow becomes a trap that names the limit,
+            // instead of an allocator abort the guest reports as "unreachable".
+            .trap_on_grow_failure(true)
+            .build();
+        Self {
+            ctx,
+            effects: Effects::default(),
+            limits,
+            infrastructure_error: None,
+            stderr,
+            log_bytes: 0,
+            log_lines_dropped: 0,
+            wasi,
+            table: ResourceTable::new(),
+        }
+    }
+
+    fn check_publish_topic(&self, topic: &str) -> Result<(), String> {
+        if topic.is_empty() || topic.len() > 255 || topic.contains(['/', ' ', '\n']) {
+            return Err(format!("topic `{topic}` is not a valid topic name"));
+        }
+        match &self.ctx.publish_topics {
+            Some(allowed) if !allowed.iter().any(|t| t == topic) => {
+                Err(format!("tenant `{}` may not publish to topic `{topic}`", self.ctx.tenant))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl WasiView for AttemptState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl types::Host for AttemptState {}
+
+impl log::Host for AttemptState {
+    fn write(&mut self, level: GuestLogLevel, message: String) {
+        if self.log_bytes + message.len().min(MAX_LOG_LINE_BYTES) > MAX_LOG_BYTES_PER_ATTEMPT {
+            self.log_lines_dropped += 1;
+            return;
+        }
+        let mut line = message;
+        if line.len() > MAX_LOG_LINE_BYTES {
+            let mut cut = MAX_LOG_LINE_BYTES;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+            line.push_str(" [cut]");
+        }
+        self.log_bytes += line.len();
+        let ctx = &self.ctx;
+        macro_rules! guest_log {
+            ($level:expr) => {
+                tracing::event!(target: "wasmsub::guest", $level,
+                    tenant = %ctx.tenant, handler = %ctx.handler, handler.version = %ctx.version,
+                    messaging.message.id = %ctx.event_id, "{line}")
+            };
+        }
+        match level {
+            GuestLogLevel::Trace => guest_log!(tracing::Level::TRACE),
+            GuestLogLevel::Debug => guest_log!(tracing::Level::DEBUG),
+            GuestLogLevel::Info => guest_log!(tracing::Level::INFO),
+            GuestLogLevel::Warn => guest_log!(tracing::Level::WARN),
+            GuestLogLevel::Error => guest_log!(tracing::Level::ERROR),
+        }
+    }
+}
+
+impl state::Host for AttemptState {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, String> {
+        crate::effects::check_key(&key)?;
+        if let Some(buffered) = self.effects.buffered_read(&key) {
+            return Ok(buffered.map(<[u8]>::to_vec));
+        }
+        let ctx = &self.ctx;
+        // The guest runs on a blocking thread, so waiting here is allowed.
+        match ctx.runtime.block_on(ctx.store.get_state(&ctx.tenant, &key)) {
+            Ok(value) => Ok(value),
+            Err(error) => {
+                let reason = format!("state store unavailable: {error}");
+                self.infrastructure_error = Some(reason.clone());
+                Err(reason)
+            }
+        }
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        self.effects.set(key, value)
+    }
+
+    fn delete(&mut self, key: String) -> Result<(), String> {
+        self.effects.delete(key)
+    }
+}
+
+impl publisher::Host for AttemptState {
+    fn publish(&mut self, topic: String, data: Vec<u8>, content_type: String) -> Result<(), String> {
+        self.check_publish_topic(&topic)?;
+        if content_type.len() > 255 {
+            return Err("content type is longer than 255 bytes".into());
+        }
+        self.effects.publish(PendingPublish { topic, data, content_type })
+    }
+}

@@ -1,0 +1,97 @@
+//! Running one attempt: a fresh store and instance, one call to `handle`,
+//! and a verdict that keeps the failure classes apart (guest answer, guest
+//! trap or limit, host infrastructure).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{Engine, Store, Trap};
+
+use super::bindings::{Disposition, Event};
+use super::component::HandlerComponent;
+use super::engine::deadline_ticks;
+use super::host_state::{AttemptContext, AttemptState};
+use crate::effects::Effects;
+
+/// The result of one attempt, before the retry policy looks at it.
+#[derive(Debug)]
+pub enum AttemptResult {
+    /// The guest answered `success`: its buffered effects, to commit.
+    Succeeded(Effects),
+    /// The guest asked to be retried.
+    GuestRetry(String),
+    /// The guest refused the event for good.
+    GuestDrop(String),
+    /// The guest trapped or hit a limit (CPU time, memory): retried within
+    /// the budget like `GuestRetry`, with a reason naming what happened.
+    Trapped(String),
+    /// The host failed (store down, instance pool exhausted): not the
+    /// guest's fault, so it does not use up an attempt.
+    Infrastructure(String),
+}
+
+pub fn run_attempt(
+    engine: &Engine,
+    component: &Arc<HandlerComponent>,
+    ctx: AttemptContext,
+    event: &Event,
+    cpu_time: Duration,
+) -> AttemptResult {
+    let mut store = Store::new(engine, AttemptState::new(ctx));
+    store.limiter(|state| &mut state.limits);
+    store.set_epoch_deadline(deadline_ticks(cpu_time));
+    store.epoch_deadline_trap();
+
+    let handler = match component.pre.instantiate(&mut store) {
+        Ok(handler) => handler,
+        Err(error) => return instantiate_failure(&store, error),
+    };
+    let answer = handler.call_handle(&mut store, event);
+    let state = store.into_data();
+    if state.log_lines_dropped > 0 {
+        tracing::warn!(tenant = %state.ctx.tenant, handler = %state.ctx.handler,
+            messaging.message.id = %state.ctx.event_id, dropped = state.log_lines_dropped,
+            "guest log lines over the per-attempt cap were dropped");
+    }
+    if let Some(reason) = state.infrastructure_error {
+        return AttemptResult::Infrastructure(reason);
+    }
+    match answer {
+        Ok(Disposition::Success) => AttemptResult::Succeeded(state.effects),
+        Ok(Disposition::Retry(reason)) => AttemptResult::GuestRetry(reason),
+        Ok(Disposition::Drop(reason)) => AttemptResult::GuestDrop(reason),
+        Err(error) => AttemptResult::Trapped(trap_reason(&error, cpu_time, &state)),
+    }
+}
+
+/// A failure to instantiate is the host's (pool exhausted) unless it is a
+/// limit the guest's own start-up hit (memory, a trap in its start function).
+fn instantiate_failure(store: &Store<AttemptState>, error: wasmtime::Error) -> AttemptResult {
+    let state = store.data();
+    if error.downcast_ref::<Trap>().is_some() || format!("{error:#}").contains("forcing trap") {
+        let memory_mib = state.ctx.memory_bytes / (1024 * 1024);
+        return AttemptResult::Trapped(format!("instantiation failed (memory limit {memory_mib} MiB): {error:#}"));
+    }
+    AttemptResult::Infrastructure(format!("cannot instantiate: {error:#}"))
+}
+
+/// Names the limit or trap in words an operator can act on.
+fn trap_reason(error: &wasmtime::Error, cpu_time: Duration, state: &AttemptState) -> String {
+    let full = format!("{error:#}");
+    let mut reason = match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => format!("cpu time limit {} exceeded", humantime::format_duration(cpu_time)),
+        Some(Trap::StackOverflow) => "stack overflow (wasm stack limit exceeded)".to_owned(),
+        _ if full.contains("forcing trap when growing memory") => format!(
+            "memory limit {} MiB exceeded ({full})",
+            state.ctx.memory_bytes / (1024 * 1024)
+        ),
+        Some(trap) => format!("guest trapped: {trap}"),
+        None => format!("guest failed: {full}"),
+    };
+    let stderr = state.stderr.contents();
+    if !stderr.is_empty() {
+        reason.push_str(": ");
+        reason.push_str(String::from_utf8_lossy(&stderr).trim());
+    }
+    reason
+}

@@ -1,0 +1,84 @@
+//! Dispatch: the WebAssembly runtime. The only module that touches wasmtime.
+//!
+//! - [`bindings`]: the host side of the WIT contract (the one `bindgen!`);
+//! - [`engine`]: the shared engine, pooling allocator and epoch ticker;
+//! - [`component`]: loading and checking a handler version;
+//! - [`host_state`]: the per-attempt store data and the guest's imports;
+//! - [`invoke`]: one attempt, from fresh instance to verdict.
+
+pub mod bindings;
+pub mod component;
+pub mod engine;
+pub mod host_state;
+pub mod invoke;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use wasmtime::Engine;
+use wasmtime::component::{HasSelf, Linker};
+
+pub use bindings::Event;
+pub use component::{HandlerComponent, LoadError};
+pub use engine::EngineConfig;
+pub use host_state::AttemptContext;
+pub use invoke::AttemptResult;
+
+use host_state::AttemptState;
+
+/// The engine, the linker with the host's imports, and the epoch ticker.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    linker: Arc<Linker<AttemptState>>,
+    _ticker: Arc<engine::EpochTicker>,
+}
+
+impl Runtime {
+    pub fn new(config: &EngineConfig) -> anyhow::Result<Self> {
+        let engine = engine::build_engine(config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
+        bindings::Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(anyhow::Error::from)
+            .context("linking the handler world's imports")?;
+        let ticker = engine::EpochTicker::start(engine.clone())?;
+        Ok(Self { engine, linker: Arc::new(linker), _ticker: Arc::new(ticker) })
+    }
+
+    /// Loads and checks a component file (compiles it: call off the event path).
+    pub fn load(&self, path: &Path) -> Result<HandlerComponent, LoadError> {
+        component::load(&self.engine, &self.linker, path)
+    }
+
+    /// Loads and checks component bytes; `origin` names them in errors.
+    pub fn load_bytes(&self, origin: &Path, bytes: &[u8]) -> Result<HandlerComponent, LoadError> {
+        component::from_bytes(&self.engine, &self.linker, origin, bytes)
+    }
+
+    /// Runs one attempt on a blocking thread (wasm calls block).
+    pub async fn dispatch(
+        &self,
+        component: Arc<HandlerComponent>,
+        ctx: AttemptContext,
+        event: Event,
+        cpu_time: Duration,
+    ) -> AttemptResult {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || invoke::run_attempt(&engine, &component, ctx, &event, cpu_time))
+            .await
+            .unwrap_or_else(|e| AttemptResult::Infrastructure(format!("attempt thread failed: {e}")))
+    }
+
+    /// Runs one attempt on the calling thread (benchmarks, which measure the
+    /// call itself without the thread hand-off).
+    pub fn dispatch_blocking(&self, component: &Arc<HandlerComponent>, ctx: AttemptContext, event: &Event, cpu_time: Duration) -> AttemptResult {
+        invoke::run_attempt(&self.engine, component, ctx, event, cpu_time)
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}

@@ -1,0 +1,143 @@
+//! The claim state machine, shared by every store: pure functions of the
+//! existing record, the clock and the lease. Stores only load and save.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+
+/// How an event ended, as remembered by its done marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DoneKind {
+    Processed,
+    DeadLettered,
+}
+
+/// What the store keeps per dedupe key. Times are Unix milliseconds: records
+/// outlive the process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    InFlight { token: u64, lease_until_ms: u64 },
+    Done { kind: DoneKind, expires_ms: u64 },
+}
+
+/// Proof of a claim, passed back to `finish` and `release`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimToken {
+    /// The encoded dedupe key.
+    pub key: String,
+    pub token: u64,
+    /// The claim replaced an expired one (a run that crashed or stalled).
+    pub took_over: bool,
+}
+
+/// The answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    Acquired(ClaimToken),
+    /// The event is done: a duplicate delivery.
+    AlreadyDone(DoneKind),
+    /// Another run holds a live claim: this copy should come back later.
+    HeldElsewhere { lease_until_ms: u64 },
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn after_ms(now_ms: u64, duration: Duration) -> u64 {
+    now_ms.saturating_add(duration.as_millis().min(u64::MAX as u128) as u64)
+}
+
+/// Decides a claim on `key`; returns the answer and the record to save, if any.
+pub fn decide_claim(key: &str, existing: Option<&Record>, now_ms: u64, lease: Duration, token: u64) -> (Claim, Option<Record>) {
+    let acquire = |took_over| {
+        let record = Record::InFlight { token, lease_until_ms: after_ms(now_ms, lease) };
+        (Claim::Acquired(ClaimToken { key: key.to_owned(), token, took_over }), Some(record))
+    };
+    match existing {
+        None => acquire(false),
+        Some(Record::Done { expires_ms, .. }) if *expires_ms <= now_ms => acquire(false),
+        Some(Record::Done { kind, .. }) => (Claim::AlreadyDone(*kind), None),
+        Some(Record::InFlight { lease_until_ms, .. }) if *lease_until_ms <= now_ms => acquire(true),
+        Some(Record::InFlight { lease_until_ms, .. }) => (Claim::HeldElsewhere { lease_until_ms: *lease_until_ms }, None),
+    }
+}
+
+/// Checks that `claim` still owns its key before a commit. An expired lease
+/// nobody took over is still ours: the work is done, and committing it is
+/// better than running the handler again.
+pub fn check_owner(existing: Option<&Record>, claim: &ClaimToken) -> Result<(), StoreError> {
+    match existing {
+        Some(Record::InFlight { token, .. }) if *token == claim.token => Ok(()),
+        _ => Err(StoreError::ClaimLost(claim.key.clone())),
+    }
+}
+
+/// Whether `claim` still owns the record (for `release`, which is a no-op
+/// otherwise).
+pub fn owns(existing: Option<&Record>, claim: &ClaimToken) -> bool {
+    check_owner(existing, claim).is_ok()
+}
+
+pub fn is_expired(record: &Record, now_ms: u64) -> bool {
+    match record {
+        Record::InFlight { lease_until_ms, .. } => *lease_until_ms <= now_ms,
+        Record::Done { expires_ms, .. } => *expires_ms <= now_ms,
+    }
+}
+
+pub fn encode(record: &Record) -> Vec<u8> {
+    serde_json::to_vec(record).expect("a claim record always serialises")
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Unavailable(anyhow::anyhow!("corrupt claim record: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn first_claim_acquires_and_a_second_waits() {
+        let (claim, record) = decide_claim("k", None, 1_000, LEASE, 7);
+        assert_eq!(claim, Claim::Acquired(ClaimToken { key: "k".into(), token: 7, took_over: false }));
+        let record = record.unwrap();
+        assert_eq!(record, Record::InFlight { token: 7, lease_until_ms: 11_000 });
+        let (second, write) = decide_claim("k", Some(&record), 5_000, LEASE, 8);
+        assert_eq!(second, Claim::HeldElsewhere { lease_until_ms: 11_000 });
+        assert!(write.is_none());
+    }
+
+    #[test]
+    fn an_expired_lease_is_taken_over() {
+        let stale = Record::InFlight { token: 7, lease_until_ms: 11_000 };
+        let (claim, _) = decide_claim("k", Some(&stale), 11_000, LEASE, 8);
+        assert!(matches!(claim, Claim::Acquired(ClaimToken { took_over: true, token: 8, .. })));
+        // The stale run may no longer commit.
+        let old = ClaimToken { key: "k".into(), token: 7, took_over: false };
+        let new_record = Record::InFlight { token: 8, lease_until_ms: 21_000 };
+        assert!(matches!(check_owner(Some(&new_record), &old), Err(StoreError::ClaimLost(_))));
+    }
+
+    #[test]
+    fn done_events_are_duplicates_until_they_expire() {
+        let done = Record::Done { kind: DoneKind::Processed, expires_ms: 50_000 };
+        assert_eq!(decide_claim("k", Some(&done), 49_999, LEASE, 1).0, Claim::AlreadyDone(DoneKind::Processed));
+        assert!(matches!(decide_claim("k", Some(&done), 50_000, LEASE, 1).0, Claim::Acquired(_)));
+        let mine = ClaimToken { key: "k".into(), token: 1, took_over: false };
+        assert!(check_owner(Some(&done), &mine).is_err());
+        assert!(!owns(None, &mine));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let record = Record::Done { kind: DoneKind::DeadLettered, expires_ms: 3 };
+        assert_eq!(decode(&encode(&record)).unwrap(), record);
+        assert!(decode(b"garbage").is_err());
+    }
+}

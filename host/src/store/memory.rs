@@ -1,0 +1,98 @@
+//! An in-memory delivery store: the same claim protocol without a disk. For
+//! unit tests and for the benchmark's breakdown of where time goes; nothing
+//! survives a restart, so the service never uses it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::claim::{self, Claim, ClaimToken, Record};
+use super::{Commit, DeliveryStore, OutboundMessage, OutboxId, StoreError};
+use crate::dedupe::DedupeKey;
+
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    claims: HashMap<String, Record>,
+    state: HashMap<(String, String), Vec<u8>>,
+    outbox: BTreeMap<OutboxId, OutboundMessage>,
+    next_outbox_id: OutboxId,
+}
+
+impl MemoryStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied commit
+        // (each commit checks before it writes), so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[async_trait]
+impl DeliveryStore for MemoryStore {
+    async fn claim(&self, key: &DedupeKey, lease: Duration) -> Result<Claim, StoreError> {
+        let key = key.encoded();
+        let mut inner = self.lock();
+        let (answer, record) = claim::decide_claim(&key, inner.claims.get(&key), claim::now_ms(), lease, rand::random());
+        if let Some(record) = record {
+            inner.claims.insert(key, record);
+        }
+        Ok(answer)
+    }
+
+    async fn release(&self, claim: &ClaimToken) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if claim::owns(inner.claims.get(&claim.key), claim) {
+            inner.claims.remove(&claim.key);
+        }
+        Ok(())
+    }
+
+    async fn finish(&self, commit: Commit<'_>) -> Result<Vec<OutboxId>, StoreError> {
+        let mut inner = self.lock();
+        claim::check_owner(inner.claims.get(&commit.claim.key), commit.claim)?;
+        let expires_ms = claim::after_ms(claim::now_ms(), commit.ttl);
+        inner.claims.insert(commit.claim.key.clone(), Record::Done { kind: commit.completion.into(), expires_ms });
+        for (key, value) in commit.state_writes {
+            let key = (commit.tenant.to_owned(), key.clone());
+            match value {
+                Some(value) => inner.state.insert(key, value.clone()),
+                None => inner.state.remove(&key),
+            };
+        }
+        let mut ids = Vec::with_capacity(commit.outbox.len());
+        for message in commit.outbox {
+            let id = inner.next_outbox_id;
+            inner.next_outbox_id += 1;
+            inner.outbox.insert(id, message.clone());
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    async fn get_state(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().state.get(&(tenant.to_owned(), key.to_owned())).cloned())
+    }
+
+    async fn pending_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, OutboundMessage)>, StoreError> {
+        Ok(self.lock().outbox.iter().take(limit).map(|(id, m)| (*id, m.clone())).collect())
+    }
+
+    async fn remove_outbox(&self, id: OutboxId) -> Result<(), StoreError> {
+        self.lock().outbox.remove(&id);
+        Ok(())
+    }
+
+    async fn purge_expired(&self) -> Result<usize, StoreError> {
+        let now = claim::now_ms();
+        let mut inner = self.lock();
+        let before = inner.claims.len();
+        inner.claims.retain(|_, record| !claim::is_expired(record, now));
+        Ok(before - inner.claims.len())
+    }
+}

@@ -1,0 +1,110 @@
+//! The delivery store: the idempotency records, the tenants' state and the
+//! outbox of messages to publish, behind one trait because they must change
+//! together. An attempt's state writes, its publishes (as outbox entries) and
+//! the "processed" marker are one commit; a crash can never leave one without
+//! the others.
+//!
+//! Claim protocol (see [`claim`]): before running a handler the pipeline
+//! claims the event's [`DedupeKey`] with a lease. Concurrent copies find the
+//! claim held and back off; a claim left by a crashed run expires with its
+//! lease and the next copy takes it over. Only [`DeliveryStore::finish`] marks
+//! the event done, and only while the claim is still this run's.
+
+pub mod claim;
+pub mod embedded;
+pub mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::dedupe::DedupeKey;
+use crate::effects::StateWrite;
+
+pub use claim::{Claim, ClaimToken, DoneKind};
+pub use embedded::EmbeddedStore;
+pub use memory::MemoryStore;
+
+/// A message waiting in the outbox to be published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboundMessage {
+    pub pubsub: String,
+    pub topic: String,
+    /// The CloudEvent to publish (structured JSON), with a stable id.
+    pub event: Map<String, Value>,
+}
+
+/// Outbox entries are numbered in commit order.
+pub type OutboxId = u64;
+
+/// Store failures, split by what the caller does about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another run took the event over (our lease expired): discard this
+    /// run's result; the other run owns the event now.
+    #[error("the claim on {0} was taken over by another run after its lease expired")]
+    ClaimLost(String),
+    /// The store could not be read or written (disk full, sidecar down):
+    /// an infrastructure error, answered with "retry later".
+    #[error("store unavailable: {0:#}")]
+    Unavailable(#[from] anyhow::Error),
+}
+
+/// What a finished event leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// The handler succeeded: apply its writes and publishes.
+    Processed,
+    /// The event was dead-lettered: only the dead-letter message is published.
+    DeadLettered,
+}
+
+impl From<Completion> for DoneKind {
+    fn from(completion: Completion) -> Self {
+        match completion {
+            Completion::Processed => DoneKind::Processed,
+            Completion::DeadLettered => DoneKind::DeadLettered,
+        }
+    }
+}
+
+/// Everything one finished event commits at once.
+#[derive(Debug)]
+pub struct Commit<'a> {
+    pub claim: &'a ClaimToken,
+    pub completion: Completion,
+    /// The tenant whose state `state_writes` change.
+    pub tenant: &'a str,
+    pub state_writes: &'a [StateWrite],
+    pub outbox: &'a [OutboundMessage],
+    /// How long the done marker is remembered.
+    pub ttl: Duration,
+}
+
+#[async_trait]
+pub trait DeliveryStore: Send + Sync + 'static {
+    /// Claims `key` for `lease`, unless it is done or held by a live claim.
+    async fn claim(&self, key: &DedupeKey, lease: Duration) -> Result<Claim, StoreError>;
+
+    /// Gives a claim up after a failure that should be retried later (an
+    /// infrastructure error), so the next delivery need not wait for the lease.
+    async fn release(&self, claim: &ClaimToken) -> Result<(), StoreError>;
+
+    /// Applies a finished event's effects, queues its outbox entries and marks
+    /// it done, atomically. Returns the new outbox entries' ids.
+    async fn finish(&self, commit: Commit<'_>) -> Result<Vec<OutboxId>, StoreError>;
+
+    /// A tenant's committed state value.
+    async fn get_state(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Outbox entries not yet published, oldest first.
+    async fn pending_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, OutboundMessage)>, StoreError>;
+
+    /// Removes a published outbox entry.
+    async fn remove_outbox(&self, id: OutboxId) -> Result<(), StoreError>;
+
+    /// Forgets done markers and claims past their expiry; returns how many.
+    async fn purge_expired(&self) -> Result<usize, StoreError>;
+}
