@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use base64::Engine as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -21,7 +21,7 @@ use crate::store::OutboundMessage;
 pub const DEAD_LETTER_LOG_CAPACITY: usize = 1000;
 
 /// Why and where an event was dead-lettered.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub tenant: String,
     pub handler: String,

@@ -94,6 +94,17 @@ impl EmbeddedHost {
     }
 }
 
+/// Loads every component the manifest names, as start-up would, and reports
+/// the first that cannot serve.
+pub fn check(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<()> {
+    let runtime = Runtime::new(&options.engine)?;
+    let registry = Registry::load(manifest, &runtime)?;
+    for handler in &registry.handlers {
+        tracing::info!(tenant = %handler.tenant.name, handler = %handler.name, version = %handler.current().version, "ok");
+    }
+    Ok(())
+}
+
 /// Runs the embedded host, serving HTTP on `listener`, until `shutdown`.
 pub async fn run(listener: TcpListener, manifest: Manifest, options: HostOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let host = EmbeddedHost::start(&manifest, &options).await.context("starting the host")?;

@@ -21,6 +21,7 @@
 
 pub mod bench;
 pub mod broker;
+pub mod client;
 pub mod cloudevent;
 pub mod dead_letter;
 pub mod dedupe;

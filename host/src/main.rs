@@ -1,1 +1,175 @@
-fn main(){}
+//! The `wasmsub` command: parses arguments, sets up logging, calls the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use wasmsub::{HostOptions, Manifest, client, demo, runtime::EngineConfig};
+
+/// Run sandboxed WebAssembly event handlers next to a Dapr sidecar.
+///
+/// Handlers are WebAssembly components (the `wasmsub:handler` WIT world).
+/// The host deduplicates events, retries failures with backoff and sends what
+/// still fails to a dead-letter topic; handlers only decide.
+#[derive(Parser)]
+#[command(version, propagate_version = true, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  wasmsub demo                                  # the todo demo, in-process
+  wasmsub run --manifest examples/todo/wasmsub.toml
+  wasmsub publish task-created '{\"id\":1,\"title\":\"write docs\"}'
+  curl -X POST localhost:3500/v1.0/publish/pubsub/task-created -H 'content-type: application/json' -d '{\"id\":2,\"title\":\"ship\"}'
+  wasmsub dead-letters
+
+Exit codes: 0 success, 1 failure (the message says what and where), 2 bad usage.
+Logs: RUST_LOG=debug (or wasmsub=debug) for more; WASMSUB_LOG_FORMAT=json for JSON lines.";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve handlers on the embedded broker and store (no Dapr needed), with
+    /// Dapr's publish API on --listen.
+    Run {
+        #[command(flatten)]
+        host: HostArgs,
+        /// Address of the HTTP server (Dapr's publish API, health, admin views).
+        #[arg(long, env = "WASMSUB_LISTEN", default_value = "127.0.0.1:3500")]
+        listen: SocketAddr,
+    },
+    /// Check a manifest and load every component it names, then exit.
+    Check {
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Publish an event through a running host's (or Dapr sidecar's) publish API.
+    Publish {
+        /// The topic to publish to.
+        topic: String,
+        /// The payload (JSON by default); `@FILE` reads it from a file.
+        data: String,
+        #[arg(long, default_value = "pubsub")]
+        pubsub: String,
+        #[arg(long, default_value = "application/json")]
+        content_type: String,
+        /// Base URL of the host or sidecar.
+        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
+        url: String,
+    },
+    /// List the dead letters a running host has recorded (newest last).
+    DeadLetters {
+        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
+        url: String,
+    },
+    /// Run the todo demo in-process: sample events, a duplicate, a flaky and a
+    /// poison one, and what happened to each.
+    Demo {
+        /// The demo's manifest.
+        #[arg(long, default_value = "examples/todo/wasmsub.toml")]
+        manifest: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct HostArgs {
+    /// The manifest: tenants, handlers, limits (see README).
+    #[arg(long, short, env = "WASMSUB_MANIFEST", default_value = "wasmsub.toml")]
+    manifest: PathBuf,
+    /// Directory of the embedded idempotency/state store.
+    #[arg(long, env = "WASMSUB_DATA_DIR", default_value = ".wasmsub")]
+    data_dir: PathBuf,
+    /// Instance pool size: the most events handled at once across tenants.
+    #[arg(long, env = "WASMSUB_INSTANCE_SLOTS", default_value_t = EngineConfig::default().instance_slots)]
+    instance_slots: u32,
+}
+
+impl HostArgs {
+    fn load(&self) -> anyhow::Result<(Manifest, HostOptions)> {
+        let manifest = Manifest::load(&self.manifest)?;
+        let engine = EngineConfig { instance_slots: self.instance_slots, ..EngineConfig::default() };
+        Ok((manifest, HostOptions { data_dir: self.data_dir.clone(), engine }))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { host, listen } => {
+            let (manifest, options) = host.load()?;
+            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+            wasmsub::host::run(listener, manifest, options, shutdown_signal()).await
+        }
+        Command::Check { host } => {
+            let (manifest, options) = host.load()?;
+            wasmsub::host::check(&manifest, &options)
+        }
+        Command::Publish { topic, data, pubsub, content_type, url } => {
+            let body = match data.strip_prefix('@') {
+                Some(path) => std::fs::read(path).with_context(|| format!("reading {path}"))?,
+                None => data.into_bytes(),
+            };
+            client::publish(&url, &pubsub, &topic, body, &content_type).await
+        }
+        Command::DeadLetters { url } => client::print_dead_letters(&url).await,
+        Command::Demo { manifest } => demo::run(&manifest, &mut std::io::stdout()).await,
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    let json = std::env::var("WASMSUB_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Ctrl-C or SIGTERM (what Kubernetes sends) starts a graceful stop.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown requested; finishing events in progress");
+}
