@@ -21,20 +21,20 @@ unset CARGO_TARGET_DIR RUSTFLAGS CARGO_ENCODED_RUSTFLAGS RUSTC RUSTC_WRAPPER \
       RUSTC_WORKSPACE_WRAPPER CARGO RUSTUP_TOOLCHAIN
 while IFS= read -r var; do unset "$var"; done < <(env | sed -n 's/^\(CARGO_\(CFG\|FEATURE\|PKG\|MANIFEST\)[^=]*\)=.*/\1/p')
 
-build_with_rustup() {
+# Set WASMSUB_GUEST_TOOLCHAIN=rustup or =debian to force one way (CI checks
+# that both build); the default tries rustup first.
+choice="${WASMSUB_GUEST_TOOLCHAIN:-auto}"
+
+rustup_has_target() {
     command -v rustup >/dev/null || return 1
-    if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
-        rustup target add wasm32-wasip2 >/dev/null 2>&1 || return 1
-    fi
-    log "using rustup's wasm32-wasip2 target"
-    CARGO_TARGET_DIR="$cache/guests-target-rustup" \
-        cargo build --release --locked --target wasm32-wasip2 --manifest-path "$root/guests/Cargo.toml"
-    echo "$cache/guests-target-rustup"
+    rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 && return 0
+    log "adding rustup's wasm32-wasip2 target"
+    rustup target add wasm32-wasip2 >/dev/null 2>&1
 }
 
 ensure_debian_toolchain() {
     local missing=()
-    [ -x /usr/bin/rustc ] && /usr/bin/rustc --version | grep -q . || missing+=(rustc-web)
+    [ -x /usr/bin/rustc ] || missing+=(rustc-web)
     [ -x /usr/bin/cargo ] || missing+=(cargo-web)
     [ -d /usr/lib/rustlib/src/rust/library ] || missing+=(rust-web-src)
     [ -f /usr/lib/wasm32-wasi/libc.a ] || missing+=(wasi-libc)
@@ -45,20 +45,39 @@ ensure_debian_toolchain() {
     fi
 }
 
+# Each build leaves its target directory's path in $target_dir; any failure
+# stops the script (no stale component from an earlier build is ever copied).
+build_with_rustup() {
+    log "using rustup's wasm32-wasip2 target"
+    target_dir="$cache/guests-target-rustup-$(rustc --version | tr -cd 'a-z0-9.')"
+    CARGO_TARGET_DIR="$target_dir" \
+        cargo build --release --locked --target wasm32-wasip2 --manifest-path "$root/guests/Cargo.toml" >&2
+}
+
 build_with_debian() {
     ensure_debian_toolchain
-    log "rustup has no wasm32-wasip2 here; using Debian's rustc-web with -Zbuild-std"
-    local target_dir="$cache/guests-target-debian-$(/usr/bin/rustc --version | tr -cd 'a-z0-9.')"
+    log "using Debian's rustc-web with -Zbuild-std (no rustup wasm32-wasip2 target here)"
+    target_dir="$cache/guests-target-debian-$(/usr/bin/rustc --version | tr -cd 'a-z0-9.')"
     PATH="/usr/bin:$PATH" RUSTC_BOOTSTRAP=1 RUSTFLAGS="-L /usr/lib/wasm32-wasi" \
         CARGO_TARGET_DIR="$target_dir" \
         /usr/bin/cargo build --release --locked -Zbuild-std=std,panic_abort --target wasm32-wasip2 \
         --manifest-path "$root/guests/Cargo.toml" >&2
-    echo "$target_dir"
 }
 
-target_dir="$(build_with_rustup || build_with_debian)"
-mkdir -p "$out_dir"
-for wasm in "$target_dir"/wasm32-wasip2/release/*.wasm; do
-    cp -f "$wasm" "$out_dir/"
+case "$choice" in
+    rustup) build_with_rustup ;;
+    debian) build_with_debian ;;
+    auto) if rustup_has_target; then build_with_rustup; else build_with_debian; fi ;;
+    *) log "WASMSUB_GUEST_TOOLCHAIN must be rustup, debian or auto, not '$choice'"; exit 2 ;;
+esac
+
+# Copy exactly the guests of this workspace, so a removed guest's old
+# component cannot linger as a fixture.
+rm -rf "$out_dir" && mkdir -p "$out_dir"
+members="$(sed -n 's/^members = \[\(.*\)\]/\1/p' "$root/guests/Cargo.toml" | tr -d '" ' | tr ',' ' ')"
+for member in $members; do
+    wasm="$target_dir/wasm32-wasip2/release/${member//-/_}.wasm"
+    [ -f "$wasm" ] || { log "expected component $wasm was not built"; exit 1; }
+    cp "$wasm" "$out_dir/"
 done
 log "components in $out_dir: $(cd "$out_dir" && ls *.wasm | tr '\n' ' ')"

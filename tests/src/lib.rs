@@ -1,1 +1,136 @@
+//! Shared harness for wasmsub's integration tests: the guest fixtures (built
+//! by `build.rs` from `guests/`) and a host on the embedded broker with a
+//! throw-away store, driven through its real pipeline.
 
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use wasmsub::broker::embedded::PublishError;
+use wasmsub::cloudevent::CLOUDEVENTS_JSON;
+use wasmsub::{DaprStatus, EmbeddedHost, EventReport, HostOptions, Manifest};
+
+/// Paths of the guest components, one constant per guest crate.
+pub mod guests {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+}
+
+/// How long a test waits for an outcome before it fails (not a performance
+/// bound: the slowest expected path is a few short retries).
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A retry policy that keeps tests quick: 50 ms, 100 ms, 200 ms...
+pub const FAST_RETRY: &str = r#"{ max_attempts = 3, multiplier = 0.05, min = "50ms", max = "200ms" }"#;
+
+/// One handler line-up for a test manifest.
+pub struct HandlerSpec<'a> {
+    pub name: &'a str,
+    pub component: &'a str,
+    pub topic: &'a str,
+    /// Extra TOML keys for the handler table, e.g. `id_mode = "content"`.
+    pub extra: &'a str,
+}
+
+impl<'a> HandlerSpec<'a> {
+    pub fn new(name: &'a str, component: &'a str, topic: &'a str) -> Self {
+        Self { name, component, topic, extra: "" }
+    }
+
+    pub fn with(mut self, extra: &'a str) -> Self {
+        self.extra = extra;
+        self
+    }
+}
+
+/// A manifest with one tenant `acme` running `handlers`.
+pub fn manifest_text(limits: &str, handlers: &[HandlerSpec<'_>]) -> String {
+    let mut text = format!("[idempotency]\nlease_margin = \"5s\"\n\n[[tenant]]\nname = \"acme\"\nlimits = {{ {limits} }}\n");
+    for handler in handlers {
+        let retry = if handler.extra.contains("retry") { String::new() } else { format!("retry = {FAST_RETRY}\n") };
+        text.push_str(&format!(
+            "\n[[tenant.handler]]\nname = \"{}\"\ncomponent = {:?}\ntopic = \"{}\"\n{retry}{}\n",
+            handler.name, handler.component, handler.topic, handler.extra
+        ));
+    }
+    text
+}
+
+/// A structured CloudEvent as Dapr would deliver it.
+pub fn cloud_event(id: &str, data: Value) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": "tests", "type": "test.event",
+           "time": "2026-11-26T12:00:00Z", "datacontenttype": "application/json", "data": data})
+}
+
+/// A host on the embedded broker and a temporary store.
+pub struct TestHost {
+    pub host: EmbeddedHost,
+    reports: broadcast::Receiver<EventReport>,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl TestHost {
+    pub async fn start(manifest: &str) -> anyhow::Result<Self> {
+        let data_dir = tempfile::tempdir()?;
+        Self::start_in(manifest, data_dir).await
+    }
+
+    /// Starts on an existing data directory (a restart).
+    pub async fn start_in(manifest: &str, data_dir: tempfile::TempDir) -> anyhow::Result<Self> {
+        let manifest = Manifest::parse(manifest, Path::new("/"))?;
+        let options = HostOptions { data_dir: data_dir.path().to_owned(), engine: Default::default() };
+        let host = EmbeddedHost::start(&manifest, &options).await?;
+        let reports = host.pipeline.subscribe_reports();
+        Ok(Self { host, reports, data_dir })
+    }
+
+    /// Publishes a CloudEvent to `topic` of pub/sub `pubsub`.
+    pub async fn publish(&self, topic: &str, event: &Value) -> Result<(), PublishError> {
+        self.host.broker.publish_api("pubsub", topic, event.to_string().into(), Some(CLOUDEVENTS_JSON), false).await
+    }
+
+    /// The next report that settles a delivery (not a "retry later").
+    pub async fn next_settled(&mut self) -> EventReport {
+        loop {
+            let report = tokio::time::timeout(SETTLE_TIMEOUT, self.reports.recv())
+                .await
+                .expect("no delivery settled in time")
+                .expect("report channel closed");
+            if report.outcome.dapr_status() != DaprStatus::Retry {
+                return report;
+            }
+        }
+    }
+
+    pub async fn settled(&mut self, count: usize) -> Vec<EventReport> {
+        let mut reports = Vec::with_capacity(count);
+        for _ in 0..count {
+            reports.push(self.next_settled().await);
+        }
+        reports
+    }
+
+    /// Tenant `acme`'s committed value of `key`, as text.
+    pub async fn state(&self, key: &str) -> Option<String> {
+        let value = self.host.pipeline.store().get_state("acme", key).await.expect("reading state");
+        value.map(|v| String::from_utf8(v).expect("utf-8 state"))
+    }
+
+    /// Waits until `key` has a committed value (effects of relayed messages
+    /// land a little after the delivery that caused them).
+    pub async fn wait_for_state(&self, key: &str) -> String {
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            if let Some(value) = self.state(key).await {
+                return value;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "state key {key} never appeared");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.host.shutdown().await;
+        self.data_dir
+    }
+}
