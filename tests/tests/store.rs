@@ -1,0 +1,196 @@
+//! The delivery store's contract, checked on both implementations, and the
+//! pipeline's behaviour when the store fails (a full disk): the event is
+//! deferred, never lost, and processed once when the store recovers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use wasmsub::dedupe::DedupeKey;
+use wasmsub::store::{
+    Claim, ClaimToken, Commit, Completion, DeliveryStore, DoneKind, EmbeddedStore, MemoryStore, OutboundMessage, OutboxId, StoreError,
+};
+use wasmsub::{EmbeddedHost, HostOptions, Manifest, Outcome};
+use wasmsub_tests::{HandlerSpec, cloud_event, guests, manifest_text};
+
+fn key(event_id: &str) -> DedupeKey {
+    DedupeKey { tenant: "acme".into(), handler: "h".into(), event_id: event_id.into() }
+}
+
+fn acquired(claim: Claim) -> ClaimToken {
+    match claim {
+        Claim::Acquired(token) => token,
+        other => panic!("expected to acquire, got {other:?}"),
+    }
+}
+
+fn message(topic: &str) -> OutboundMessage {
+    OutboundMessage { pubsub: "pubsub".into(), topic: topic.into(), event: json!({"id": topic}).as_object().unwrap().clone() }
+}
+
+fn commit<'a>(claim: &'a ClaimToken, tenant: &'a str, writes: &'a [(String, Option<Vec<u8>>)], outbox: &'a [OutboundMessage]) -> Commit<'a> {
+    Commit { claim, completion: Completion::Processed, tenant, state_writes: writes, outbox, ttl: Duration::from_secs(60) }
+}
+
+async fn check_contract(store: &dyn DeliveryStore) {
+    let lease = Duration::from_secs(30);
+    // A claim is exclusive until it is finished; then the event is done.
+    let token = acquired(store.claim(&key("e1"), lease).await.unwrap());
+    assert!(matches!(store.claim(&key("e1"), lease).await.unwrap(), Claim::HeldElsewhere { .. }));
+    let writes = vec![("k".to_string(), Some(b"v".to_vec()))];
+    let ids = store.finish(commit(&token, "acme", &writes, &[message("a"), message("b")])).await.unwrap();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(store.claim(&key("e1"), lease).await.unwrap(), Claim::AlreadyDone(DoneKind::Processed));
+    // State is per tenant: the same key in another tenant is another entry.
+    assert_eq!(store.get_state("acme", "k").await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(store.get_state("other", "k").await.unwrap(), None);
+    // A released claim can be taken again at once.
+    let token = acquired(store.claim(&key("e2"), lease).await.unwrap());
+    store.release(&token).await.unwrap();
+    let token = acquired(store.claim(&key("e2"), lease).await.unwrap());
+    // A claim whose lease expired is taken over, and the old holder may no
+    // longer commit.
+    let short = acquired(store.claim(&key("e3"), Duration::from_millis(30)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let taken = acquired(store.claim(&key("e3"), lease).await.unwrap());
+    assert!(taken.took_over);
+    let lost = store.finish(commit(&short, "acme", &[], &[])).await.unwrap_err();
+    assert!(matches!(lost, StoreError::ClaimLost(_)), "{lost}");
+    store.finish(commit(&taken, "acme", &[], &[])).await.unwrap();
+    // The outbox keeps commit order until entries are removed.
+    let pending: Vec<String> = store.pending_outbox(10).await.unwrap().into_iter().map(|(_, m)| m.topic).collect();
+    assert_eq!(pending, vec!["a", "b"]);
+    for (id, _) in store.pending_outbox(10).await.unwrap() {
+        store.remove_outbox(id).await.unwrap();
+    }
+    assert!(store.pending_outbox(10).await.unwrap().is_empty());
+    store.release(&token).await.unwrap();
+    // Done markers expire with their TTL.
+    let token = acquired(store.claim(&key("e4"), lease).await.unwrap());
+    store.finish(Commit { ttl: Duration::from_millis(20), ..commit(&token, "acme", &[], &[]) }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    assert!(store.purge_expired().await.unwrap() >= 1);
+    acquired(store.claim(&key("e4"), lease).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_store_keeps_the_contract_and_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/wasmsub.redb");
+    {
+        let store = EmbeddedStore::open(&path).unwrap();
+        check_contract(&store).await;
+    }
+    let reopened = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(reopened.get_state("acme", "k").await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(reopened.claim(&key("e1"), Duration::from_secs(1)).await.unwrap(), Claim::AlreadyDone(DoneKind::Processed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_store_keeps_the_contract() {
+    check_contract(&MemoryStore::default()).await;
+}
+
+#[tokio::test]
+async fn an_unopenable_store_is_reported_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"").unwrap();
+    let error = EmbeddedStore::open(&blocker.join("wasmsub.redb")).err().expect("a file is not a directory");
+    assert!(format!("{error:#}").contains(&blocker.display().to_string()), "{error:#}");
+}
+
+/// A store whose commits fail like a full disk for the first `failures` tries.
+struct FullDisk {
+    inner: MemoryStore,
+    failures: AtomicU32,
+}
+
+#[async_trait]
+impl DeliveryStore for FullDisk {
+    async fn claim(&self, key: &DedupeKey, lease: Duration) -> Result<Claim, StoreError> {
+        self.inner.claim(key, lease).await
+    }
+    async fn release(&self, claim: &ClaimToken) -> Result<(), StoreError> {
+        self.inner.release(claim).await
+    }
+    async fn finish(&self, commit: Commit<'_>) -> Result<Vec<OutboxId>, StoreError> {
+        if self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            let enospc = std::io::Error::from_raw_os_error(28);
+            return Err(StoreError::Unavailable(anyhow::Error::new(enospc).context("committing an event")));
+        }
+        self.inner.finish(commit).await
+    }
+    async fn get_state(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_state(tenant, key).await
+    }
+    async fn pending_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, OutboundMessage)>, StoreError> {
+        self.inner.pending_outbox(limit).await
+    }
+    async fn remove_outbox(&self, id: OutboxId) -> Result<(), StoreError> {
+        self.inner.remove_outbox(id).await
+    }
+    async fn purge_expired(&self) -> Result<usize, StoreError> {
+        self.inner.purge_expired().await
+    }
+}
+
+async fn host_on(store: Arc<dyn DeliveryStore>) -> EmbeddedHost {
+    let text = manifest_text("", &[HandlerSpec::new("recorder", guests::RECORDER, "orders")]);
+    let manifest = Manifest::parse(&text, std::path::Path::new("/")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    EmbeddedHost::start_with_store(&manifest, &HostOptions { data_dir: dir.path().to_owned(), engine: Default::default() }, store)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_defers_the_event_and_it_is_processed_once_after() {
+    let store = Arc::new(FullDisk { inner: MemoryStore::default(), failures: AtomicU32::new(2) });
+    let host = host_on(store.clone()).await;
+    let mut reports = host.pipeline.subscribe_reports();
+    host.broker
+        .publish_api("pubsub", "orders", cloud_event("d-1", json!({})).to_string().into(), Some("application/cloudevents+json"), false)
+        .await
+        .unwrap();
+    let mut outcomes = Vec::new();
+    loop {
+        let report = tokio::time::timeout(Duration::from_secs(30), reports.recv()).await.unwrap().unwrap();
+        outcomes.push(report.outcome.clone());
+        if matches!(report.outcome, Outcome::Processed { .. }) {
+            break;
+        }
+    }
+    assert_eq!(outcomes.len(), 3, "{outcomes:?}");
+    for deferred in &outcomes[..2] {
+        let Outcome::Deferred { reason } = deferred else { panic!("{outcomes:?}") };
+        assert!(reason.contains("No space left on device"), "{reason}");
+    }
+    assert_eq!(store.get_state("acme", "count:d-1").await.unwrap(), Some(b"1".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_left_by_a_crashed_run_expires_and_the_event_runs_once() {
+    let store: Arc<dyn DeliveryStore> = Arc::new(MemoryStore::default());
+    // A run that claimed the event and died: its lease is all that is left.
+    let crashed = DedupeKey { tenant: "acme".into(), handler: "recorder".into(), event_id: "c-1".into() };
+    acquired(store.claim(&crashed, Duration::from_millis(400)).await.unwrap());
+    let host = host_on(store.clone()).await;
+    let mut reports = host.pipeline.subscribe_reports();
+    host.broker
+        .publish_api("pubsub", "orders", cloud_event("c-1", json!({})).to_string().into(), Some("application/cloudevents+json"), false)
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), reports.recv()).await.unwrap().unwrap();
+    assert_eq!(first.outcome, Outcome::InFlightElsewhere);
+    loop {
+        let report = tokio::time::timeout(Duration::from_secs(30), reports.recv()).await.unwrap().unwrap();
+        if report.outcome == (Outcome::Processed { attempts: 1 }) {
+            break;
+        }
+        assert_eq!(report.outcome, Outcome::InFlightElsewhere);
+    }
+    assert_eq!(store.get_state("acme", "count:c-1").await.unwrap(), Some(b"1".to_vec()));
+}
