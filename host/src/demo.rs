@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::cloudevent::CLOUDEVENTS_JSON;
 use crate::outcome::{DaprStatus, Outcome};
-use crate::{EmbeddedHost, HostOptions, Manifest};
+use crate::{Host, HostOptions, Manifest};
 
 /// Long enough for the poison handler's retries with the demo's policy.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,14 +50,14 @@ pub async fn run(manifest_path: &Path, out: &mut impl Write) -> anyhow::Result<(
         }
     }
     let data_dir = tempfile::tempdir().context("creating the demo's store directory")?;
-    let options = HostOptions { data_dir: data_dir.path().to_owned(), engine: Default::default() };
-    let host = EmbeddedHost::start(&manifest, &options).await?;
+    let options = HostOptions::embedded(data_dir.path().to_owned());
+    let host = Host::start(&manifest, &options).await?;
     let mut reports = host.pipeline.subscribe_reports();
 
     writeln!(out, "Publishing the todo demo's events:")?;
     let samples = samples();
     for sample in &samples {
-        let published = host.broker.publish_api("pubsub", sample.topic, sample.body.clone().into(), Some(CLOUDEVENTS_JSON), false).await;
+        let published = host.broker.as_ref().expect("embedded backend").publish_api("pubsub", sample.topic, sample.body.clone().into(), Some(CLOUDEVENTS_JSON), false).await;
         let answer = match published {
             Ok(()) => "accepted".to_owned(),
             Err(error) => format!("refused: {error}"),

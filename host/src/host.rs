@@ -1,5 +1,9 @@
-//! Assembling a host: store, runtime, handlers, pipeline, broker, relay and
+//! Assembling a host: store, runtime, handlers, pipeline, broker side and
 //! background tasks, started together and stopped together.
+//!
+//! Two backends: the embedded one (in-process broker, redb store; no Dapr
+//! needed) and Dapr (a sidecar delivers events to the app routes; the store
+//! and publishes go through the sidecar).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -11,7 +15,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::Publisher;
 use crate::broker::embedded::{self, EmbeddedBroker};
+use crate::dapr::{DaprStore, Sidecar};
 use crate::manifest::Manifest;
 use crate::pipeline::Pipeline;
 use crate::registry::Registry;
@@ -24,40 +30,74 @@ use crate::store::{DeliveryStore, EmbeddedStore};
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 /// How long a stopping host waits for events in progress.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long start-up waits for a Dapr sidecar to come up.
+const SIDECAR_WAIT: Duration = Duration::from_secs(60);
 
-/// Where the host keeps its files, and how it sizes the runtime.
+/// Where events come from and where the host keeps its records.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// In-process broker and the embedded store under `data_dir`.
+    Embedded,
+    /// A Dapr sidecar: events arrive on the app routes; records live in
+    /// the Dapr state store `state_store`.
+    Dapr { sidecar_url: String, state_store: String },
+}
+
+/// How the host runs.
 #[derive(Debug, Clone)]
 pub struct HostOptions {
     /// The directory of the embedded store (`wasmsub.redb`).
     pub data_dir: PathBuf,
     pub engine: EngineConfig,
+    pub backend: Backend,
 }
 
 impl HostOptions {
+    /// The embedded backend with default engine settings.
+    pub fn embedded(data_dir: PathBuf) -> Self {
+        Self { data_dir, engine: EngineConfig::default(), backend: Backend::Embedded }
+    }
+
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join("wasmsub.redb")
     }
 }
 
-/// A running host on the embedded broker and store.
-pub struct EmbeddedHost {
+/// A running host.
+pub struct Host {
     pub registry: Arc<Registry>,
     pub pipeline: Arc<Pipeline>,
-    pub broker: EmbeddedBroker,
+    /// The in-process broker (embedded backend only).
+    pub broker: Option<EmbeddedBroker>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
 
-impl EmbeddedHost {
+impl Host {
     /// Loads every handler (a bad component stops start-up with its path)
-    /// and starts the dispatcher, the outbox relay and the purge task.
+    /// and starts the backend's background tasks.
     pub async fn start(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<Self> {
-        let store: Arc<dyn DeliveryStore> = Arc::new(EmbeddedStore::open(&options.store_path())?);
-        Self::start_with_store(manifest, options, store).await
+        match &options.backend {
+            Backend::Embedded => {
+                let store = Arc::new(EmbeddedStore::open(&options.store_path())?);
+                Self::start_with_store(manifest, options, store).await
+            }
+            Backend::Dapr { sidecar_url, state_store } => {
+                let sidecar = Sidecar::new(sidecar_url)?;
+                wait_for_sidecar(&sidecar).await?;
+                let store = Arc::new(DaprStore::new(sidecar.clone(), state_store));
+                Self::assemble(manifest, options, store, Some(Arc::new(sidecar))).await
+            }
+        }
     }
 
-    /// As [`start`](Self::start), on a given store (benchmarks, tests).
+    /// The embedded backend on a given store (benchmarks, tests).
     pub async fn start_with_store(manifest: &Manifest, options: &HostOptions, store: Arc<dyn DeliveryStore>) -> anyhow::Result<Self> {
+        Self::assemble(manifest, options, store, None).await
+    }
+
+    /// `publisher` is the sidecar, or `None` for the embedded broker.
+    async fn assemble(manifest: &Manifest, options: &HostOptions, store: Arc<dyn DeliveryStore>, publisher: Option<Arc<dyn Publisher>>) -> anyhow::Result<Self> {
         let mut engine_config = options.engine.clone();
         let largest_memory = manifest.tenants.iter().map(|t| t.limits.memory_mib as usize * 1024 * 1024).max().unwrap_or(0);
         engine_config.max_memory_bytes = engine_config.max_memory_bytes.max(largest_memory);
@@ -69,11 +109,18 @@ impl EmbeddedHost {
         };
         let trigger = RelayTrigger::default();
         let pipeline = Arc::new(Pipeline::new(store.clone(), runtime, trigger.clone(), manifest.idempotency.clone()));
-        let (broker, queue) = EmbeddedBroker::new(registry.clone(), pipeline.clone());
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        tasks.spawn(embedded::run_dispatcher(queue, registry.clone(), pipeline.clone(), tasks.clone(), shutdown.clone()));
-        tasks.spawn(relay::run(store.clone(), Arc::new(broker.clone()), trigger.clone(), shutdown.clone()));
+        let (publisher, broker) = match publisher {
+            Some(publisher) => (publisher, None),
+            None => {
+                let (broker, queue) = EmbeddedBroker::new(registry.clone(), pipeline.clone());
+                tasks.spawn(embedded::run_dispatcher(queue, registry.clone(), pipeline.clone(), tasks.clone(), shutdown.clone()));
+                (Arc::new(broker.clone()) as Arc<dyn Publisher>, Some(broker))
+            }
+        };
+        pipeline.set_publisher(publisher.clone());
+        tasks.spawn(relay::run(store.clone(), publisher, trigger.clone(), shutdown.clone()));
         tasks.spawn(purge_expired(store, shutdown.clone()));
         // Entries a previous run committed but did not publish go out now.
         trigger.poke();
@@ -94,6 +141,22 @@ impl EmbeddedHost {
     }
 }
 
+async fn wait_for_sidecar(sidecar: &Sidecar) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + SIDECAR_WAIT;
+    let mut logged = false;
+    while !sidecar.healthy().await {
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("the Dapr sidecar at {} did not become healthy within {SIDECAR_WAIT:?}", sidecar.base());
+        }
+        if !logged {
+            tracing::info!(sidecar = sidecar.base(), "waiting for the Dapr sidecar");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
 /// Loads every component the manifest names, as start-up would, and reports
 /// the first that cannot serve.
 pub fn check(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<()> {
@@ -105,9 +168,9 @@ pub fn check(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the embedded host, serving HTTP on `listener`, until `shutdown`.
+/// Runs the host, serving HTTP on `listener`, until `shutdown`.
 pub async fn run(listener: TcpListener, manifest: Manifest, options: HostOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let host = EmbeddedHost::start(&manifest, &options).await.context("starting the host")?;
+    let host = Host::start(&manifest, &options).await.context("starting the host")?;
     let served = server::serve(listener, host.router(), shutdown).await;
     host.shutdown().await;
     served

@@ -17,12 +17,14 @@
 //!
 //! Around it: [`manifest`] (the `wasmsub.toml` file), [`registry`] (tenants,
 //! handlers and their current versions), [`broker`] (the embedded pub/sub),
+//! [`dapr`] (the sidecar client, the Dapr state store and the app routes),
 //! [`server`] (HTTP routes), [`host`] (assembly), [`demo`] and [`bench`].
 
 pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod cloudevent;
+pub mod dapr;
 pub mod dead_letter;
 pub mod dedupe;
 pub mod demo;
@@ -39,7 +41,7 @@ pub mod runtime;
 pub mod server;
 pub mod store;
 
-pub use host::{EmbeddedHost, HostOptions};
+pub use host::{Backend, Host, HostOptions};
 pub use manifest::Manifest;
 pub use outcome::{DaprStatus, Outcome};
 pub use pipeline::EventReport;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use wasmsub::{HostOptions, Manifest, client, demo, runtime::EngineConfig};
+use wasmsub::{Backend, HostOptions, Manifest, client, demo, runtime::EngineConfig};
 
 /// Run sandboxed WebAssembly event handlers next to a Dapr sidecar.
 ///
@@ -35,14 +35,19 @@ Logs: RUST_LOG=debug (or wasmsub=debug) for more; WASMSUB_LOG_FORMAT=json for JS
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve handlers on the embedded broker and store (no Dapr needed), with
-    /// Dapr's publish API on --listen.
+    /// Serve handlers. Behind a Dapr sidecar when --dapr-http-port (or
+    /// DAPR_HTTP_PORT, which `dapr run` and the sidecar injector set) is
+    /// given; otherwise on the embedded broker and store, with Dapr's publish
+    /// API on --listen.
     Run {
         #[command(flatten)]
         host: HostArgs,
-        /// Address of the HTTP server (Dapr's publish API, health, admin views).
-        #[arg(long, env = "WASMSUB_LISTEN", default_value = "127.0.0.1:3500")]
-        listen: SocketAddr,
+        #[command(flatten)]
+        dapr: DaprArgs,
+        /// Address of the HTTP server. Default: 127.0.0.1:3500 (embedded),
+        /// 0.0.0.0:$APP_PORT (behind Dapr).
+        #[arg(long, env = "WASMSUB_LISTEN")]
+        listen: Option<SocketAddr>,
     },
     /// Check a manifest and load every component it names, then exit.
     Check {
@@ -68,6 +73,15 @@ enum Command {
         #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
         url: String,
     },
+    /// Measure the per-event cost of a handler (default: echo) side by side:
+    /// native function, reused instance, fresh instance, whole pipeline.
+    Bench {
+        #[arg(long, default_value = "target/guests/echo.wasm")]
+        component: PathBuf,
+        /// Events per row.
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+    },
     /// Run the todo demo in-process: sample events, a duplicate, a flaky and a
     /// poison one, and what happened to each.
     Demo {
@@ -75,6 +89,22 @@ enum Command {
         #[arg(long, default_value = "examples/todo/wasmsub.toml")]
         manifest: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct DaprArgs {
+    /// The sidecar's HTTP port: run as a Dapr app behind it.
+    #[arg(long, env = "DAPR_HTTP_PORT")]
+    dapr_http_port: Option<u16>,
+    /// The sidecar's gRPC port (accepted for `dapr run`; the host talks HTTP).
+    #[arg(long, env = "DAPR_GRPC_PORT", hide = true)]
+    dapr_grpc_port: Option<u16>,
+    /// The port Dapr delivers events to (`--app-port` of daprd).
+    #[arg(long, env = "APP_PORT", default_value_t = 3000)]
+    app_port: u16,
+    /// The Dapr state store for idempotency records, tenant state and outbox.
+    #[arg(long, env = "WASMSUB_STATE_STORE", default_value = "statestore")]
+    state_store: String,
 }
 
 #[derive(clap::Args)]
@@ -94,7 +124,7 @@ impl HostArgs {
     fn load(&self) -> anyhow::Result<(Manifest, HostOptions)> {
         let manifest = Manifest::load(&self.manifest)?;
         let engine = EngineConfig { instance_slots: self.instance_slots, ..EngineConfig::default() };
-        Ok((manifest, HostOptions { data_dir: self.data_dir.clone(), engine }))
+        Ok((manifest, HostOptions { data_dir: self.data_dir.clone(), engine, backend: Backend::Embedded }))
     }
 }
 
@@ -119,8 +149,16 @@ fn main() -> ExitCode {
 
 async fn execute(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { host, listen } => {
-            let (manifest, options) = host.load()?;
+        Command::Run { host, dapr, listen } => {
+            let (manifest, mut options) = host.load()?;
+            let listen = match dapr.dapr_http_port {
+                Some(port) => {
+                    options.backend = Backend::Dapr { sidecar_url: format!("http://127.0.0.1:{port}"), state_store: dapr.state_store };
+                    listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], dapr.app_port)))
+                }
+                None => listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3500))),
+            };
+            tracing::info!(backend = ?options.backend, %listen, "starting");
             let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
             wasmsub::host::run(listener, manifest, options, shutdown_signal()).await
         }
@@ -136,6 +174,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             client::publish(&url, &pubsub, &topic, body, &content_type).await
         }
         Command::DeadLetters { url } => client::print_dead_letters(&url).await,
+        Command::Bench { component, events } => wasmsub::bench::run(&component, events, &mut std::io::stdout()).await,
         Command::Demo { manifest } => demo::run(&manifest, &mut std::io::stdout()).await,
     }
 }

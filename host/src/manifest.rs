@@ -119,6 +119,29 @@ pub struct HandlerConfig {
     pub id_mode: IdMode,
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Ask Dapr to deliver payloads without a CloudEvent envelope (Dapr's
+    /// `rawPayload`); the host wraps them, with a content-derived id.
+    #[serde(default)]
+    pub raw_payload: bool,
+    /// Ask Dapr for bulk deliveries (many events per request).
+    pub bulk: Option<BulkConfig>,
+}
+
+/// Dapr's bulk subscribe settings for one handler.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BulkConfig {
+    /// Events per request at most.
+    pub max_messages: u32,
+    /// How long Dapr waits to fill a request, in milliseconds.
+    pub max_await_ms: u32,
+}
+
+impl Default for BulkConfig {
+    /// Dapr's own defaults.
+    fn default() -> Self {
+        Self { max_messages: 100, max_await_ms: 1000 }
+    }
 }
 
 fn default_pubsub() -> String {

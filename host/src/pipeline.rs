@@ -4,7 +4,7 @@
 //! retry (backoff within the handler's budget) → commit the effects and ack,
 //! or dead-letter. Every path ends in one [`Outcome`] and one log line.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 use tracing::Instrument;
 
+use crate::broker::Publisher;
 use crate::cloudevent::CloudEvent;
 use crate::dead_letter::{self, DeadLetter, DeadLetterLog};
 use crate::dedupe::{self, DedupeKey};
@@ -21,7 +22,7 @@ use crate::receive::{self, Rejection};
 use crate::registry::Handler;
 use crate::relay::RelayTrigger;
 use crate::runtime::{AttemptContext, AttemptResult, Event, HandlerComponent, Runtime};
-use crate::store::{Claim, ClaimToken, Commit, Completion, DeliveryStore, OutboundMessage, StoreError};
+use crate::store::{Claim, ClaimToken, Commit, Completion, DeliveryStore, OutboundMessage, OutboxId, StoreError};
 
 /// Reports buffered for slow subscribers (the demo, tests); older ones are
 /// skipped rather than slowing the pipeline.
@@ -43,6 +44,9 @@ pub struct Pipeline {
     store: Arc<dyn DeliveryStore>,
     runtime: Runtime,
     relay: RelayTrigger,
+    /// Where committed publishes go; set once the broker exists (the
+    /// embedded broker needs the pipeline first).
+    publisher: OnceLock<Arc<dyn Publisher>>,
     idempotency: IdempotencyConfig,
     pub dead_letters: DeadLetterLog,
     reports: broadcast::Sender<EventReport>,
@@ -59,7 +63,12 @@ struct InFlight<'a> {
 impl Pipeline {
     pub fn new(store: Arc<dyn DeliveryStore>, runtime: Runtime, relay: RelayTrigger, idempotency: IdempotencyConfig) -> Self {
         let (reports, _) = broadcast::channel(REPORT_BUFFER);
-        Self { store, runtime, relay, idempotency, dead_letters: DeadLetterLog::default(), reports }
+        Self { store, runtime, relay, publisher: OnceLock::new(), idempotency, dead_letters: DeadLetterLog::default(), reports }
+    }
+
+    /// Sets the publisher for committed publishes (once).
+    pub fn set_publisher(&self, publisher: Arc<dyn Publisher>) {
+        let _ = self.publisher.set(publisher);
     }
 
     pub fn store(&self) -> &Arc<dyn DeliveryStore> {
@@ -161,6 +170,7 @@ impl Pipeline {
             }
             Ok(Claim::AlreadyDone(kind)) => Err(Outcome::Duplicate { earlier: DuplicateOf::from(kind) }),
             Ok(Claim::HeldElsewhere { .. }) => Err(Outcome::InFlightElsewhere),
+            Ok(Claim::DonePublishPending) => Err(Outcome::Deferred { reason: "the event is done; its committed publishes are being relayed".into() }),
             Err(error) => Err(Outcome::Deferred { reason: format!("cannot claim the event: {error}") }),
         }
     }
@@ -214,14 +224,34 @@ impl Pipeline {
             ttl: self.idempotency.ttl,
         };
         match self.store.finish(commit).await {
-            Ok(ids) => {
-                if !ids.is_empty() {
-                    self.relay.poke();
-                }
-                Outcome::Processed { attempts }
-            }
+            Ok(ids) => match self.publish_committed(&ids, &outbox).await {
+                Ok(()) => Outcome::Processed { attempts },
+                Err(reason) => Outcome::Deferred { reason },
+            },
             Err(error) => self.commit_failed(token, error).await,
         }
+    }
+
+    /// Publishes what a commit queued before the event is acknowledged, so an
+    /// acknowledged event's publishes are out. If the broker refuses, the
+    /// entries stay committed for the relay, and the event is deferred: its
+    /// redelivery is a duplicate, acknowledged once they are published.
+    async fn publish_committed(&self, ids: &[OutboxId], outbox: &[OutboundMessage]) -> Result<(), String> {
+        let Some(publisher) = self.publisher.get() else {
+            self.relay.poke();
+            return Ok(());
+        };
+        for (id, message) in ids.iter().zip(outbox) {
+            let published = match publisher.publish(message).await {
+                Ok(()) => self.store.remove_outbox(*id).await.map_err(anyhow::Error::from),
+                Err(error) => Err(error),
+            };
+            if let Err(error) = published {
+                self.relay.poke();
+                return Err(format!("effects committed; publishing to `{}` failed (the relay retries it): {error:#}", message.topic));
+            }
+        }
+        Ok(())
     }
 
     async fn commit_failed(&self, token: &ClaimToken, error: StoreError) -> Outcome {
@@ -278,10 +308,12 @@ impl Pipeline {
             ttl: self.idempotency.ttl,
         };
         match self.store.finish(commit).await {
-            Ok(_) => {
-                self.relay.poke();
+            Ok(ids) => {
                 self.dead_letters.record(entry);
-                Outcome::DeadLettered { reason, attempts }
+                match self.publish_committed(&ids, std::slice::from_ref(&message)).await {
+                    Ok(()) => Outcome::DeadLettered { reason, attempts },
+                    Err(reason) => Outcome::Deferred { reason },
+                }
             }
             Err(error) => self.commit_failed(token, error).await,
         }

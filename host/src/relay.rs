@@ -7,6 +7,7 @@
 //! are published in commit order and at least once, with stable CloudEvent
 //! ids so consumers can dedupe a repeat.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Publisher;
-use crate::store::DeliveryStore;
+use crate::store::{DeliveryStore, OutboxId};
 
 /// Entries read per pass.
 const BATCH: usize = 256;
@@ -35,16 +36,27 @@ impl RelayTrigger {
 }
 
 /// Runs until `shutdown` is cancelled.
+///
+/// The pipeline publishes each commit's entries itself before it
+/// acknowledges the event; the relay is the safety net. A poke (a failed
+/// inline publish, a start-up) publishes everything pending. A timed sweep
+/// publishes only entries that were already pending at the previous sweep,
+/// so it does not race the pipeline's own publish of a fresh commit.
 pub async fn run(store: Arc<dyn DeliveryStore>, publisher: Arc<dyn Publisher>, trigger: RelayTrigger, shutdown: CancellationToken) {
     let mut backoff = Duration::ZERO;
+    let mut seen_last_sweep = HashSet::new();
     loop {
-        tokio::select! {
+        let poked = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = trigger.0.notified() => {}
-            _ = tokio::time::sleep(SWEEP_INTERVAL.max(backoff)) => {}
-        }
-        match relay_pass(&*store, &*publisher).await {
-            Ok(()) => backoff = Duration::ZERO,
+            _ = trigger.0.notified() => true,
+            _ = tokio::time::sleep(SWEEP_INTERVAL.max(backoff)) => false,
+        };
+        let only = if poked { None } else { Some(&seen_last_sweep) };
+        match relay_pass(&*store, &*publisher, only).await {
+            Ok(still_pending) => {
+                backoff = Duration::ZERO;
+                seen_last_sweep = still_pending;
+            }
             Err(error) => {
                 backoff = (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF);
                 tracing::warn!(error = %format!("{error:#}"), retry_in = ?backoff, "outbox relay: publish failed; entries kept");
@@ -53,21 +65,18 @@ pub async fn run(store: Arc<dyn DeliveryStore>, publisher: Arc<dyn Publisher>, t
     }
 }
 
-/// Publishes pending entries in order; stops at the first failure.
-pub async fn relay_pass(store: &dyn DeliveryStore, publisher: &dyn Publisher) -> anyhow::Result<()> {
-    loop {
-        let pending = store.pending_outbox(BATCH).await?;
-        if pending.is_empty() {
-            return Ok(());
+/// Publishes pending entries in order (those in `only`, if given); stops at
+/// the first failure. Returns the ids left pending.
+pub async fn relay_pass(store: &dyn DeliveryStore, publisher: &dyn Publisher, only: Option<&HashSet<OutboxId>>) -> anyhow::Result<HashSet<OutboxId>> {
+    let mut left = HashSet::new();
+    for (id, message) in store.pending_outbox(BATCH).await? {
+        if only.is_some_and(|ids| !ids.contains(&id)) {
+            left.insert(id);
+            continue;
         }
-        let full_batch = pending.len() == BATCH;
-        for (id, message) in pending {
-            publisher.publish(&message).await?;
-            store.remove_outbox(id).await?;
-            tracing::debug!(topic = %message.topic, id = ?message.event.get("id"), "outbox entry published");
-        }
-        if !full_batch {
-            return Ok(());
-        }
+        publisher.publish(&message).await?;
+        store.remove_outbox(id).await?;
+        tracing::info!(topic = %message.topic, id = ?message.event.get("id"), "outbox relay: published a committed message");
     }
+    Ok(left)
 }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use wasmsub::broker::embedded::PublishError;
 use wasmsub::cloudevent::CLOUDEVENTS_JSON;
-use wasmsub::{DaprStatus, EmbeddedHost, EventReport, HostOptions, Manifest};
+use wasmsub::{DaprStatus, Host, EventReport, HostOptions, Manifest};
 
 /// Paths of the guest components, one constant per guest crate.
 pub mod guests {
@@ -64,7 +64,7 @@ pub fn cloud_event(id: &str, data: Value) -> Value {
 
 /// A host on the embedded broker and a temporary store.
 pub struct TestHost {
-    pub host: EmbeddedHost,
+    pub host: Host,
     reports: broadcast::Receiver<EventReport>,
     pub data_dir: tempfile::TempDir,
 }
@@ -78,15 +78,15 @@ impl TestHost {
     /// Starts on an existing data directory (a restart).
     pub async fn start_in(manifest: &str, data_dir: tempfile::TempDir) -> anyhow::Result<Self> {
         let manifest = Manifest::parse(manifest, Path::new("/"))?;
-        let options = HostOptions { data_dir: data_dir.path().to_owned(), engine: Default::default() };
-        let host = EmbeddedHost::start(&manifest, &options).await?;
+        let options = HostOptions::embedded(data_dir.path().to_owned());
+        let host = Host::start(&manifest, &options).await?;
         let reports = host.pipeline.subscribe_reports();
         Ok(Self { host, reports, data_dir })
     }
 
     /// Publishes a CloudEvent to `topic` of pub/sub `pubsub`.
     pub async fn publish(&self, topic: &str, event: &Value) -> Result<(), PublishError> {
-        self.host.broker.publish_api("pubsub", topic, event.to_string().into(), Some(CLOUDEVENTS_JSON), false).await
+        self.host.broker.as_ref().expect("embedded backend").publish_api("pubsub", topic, event.to_string().into(), Some(CLOUDEVENTS_JSON), false).await
     }
 
     /// The next report that settles a delivery (not a "retry later").

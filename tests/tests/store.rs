@@ -12,7 +12,7 @@ use wasmsub::dedupe::DedupeKey;
 use wasmsub::store::{
     Claim, ClaimToken, Commit, Completion, DeliveryStore, DoneKind, EmbeddedStore, MemoryStore, OutboundMessage, OutboxId, StoreError,
 };
-use wasmsub::{EmbeddedHost, HostOptions, Manifest, Outcome};
+use wasmsub::{Host, HostOptions, Manifest, Outcome};
 use wasmsub_tests::{HandlerSpec, cloud_event, guests, manifest_text};
 
 fn key(event_id: &str) -> DedupeKey {
@@ -137,11 +137,11 @@ impl DeliveryStore for FullDisk {
     }
 }
 
-async fn host_on(store: Arc<dyn DeliveryStore>) -> EmbeddedHost {
+async fn host_on(store: Arc<dyn DeliveryStore>) -> Host {
     let text = manifest_text("", &[HandlerSpec::new("recorder", guests::RECORDER, "orders")]);
     let manifest = Manifest::parse(&text, std::path::Path::new("/")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    EmbeddedHost::start_with_store(&manifest, &HostOptions { data_dir: dir.path().to_owned(), engine: Default::default() }, store)
+    Host::start_with_store(&manifest, &HostOptions::embedded(dir.path().to_owned()), store)
         .await
         .unwrap()
 }
@@ -152,6 +152,8 @@ async fn a_full_disk_defers_the_event_and_it_is_processed_once_after() {
     let host = host_on(store.clone()).await;
     let mut reports = host.pipeline.subscribe_reports();
     host.broker
+        .as_ref()
+        .unwrap()
         .publish_api("pubsub", "orders", cloud_event("d-1", json!({})).to_string().into(), Some("application/cloudevents+json"), false)
         .await
         .unwrap();
@@ -180,6 +182,8 @@ async fn a_claim_left_by_a_crashed_run_expires_and_the_event_runs_once() {
     let host = host_on(store.clone()).await;
     let mut reports = host.pipeline.subscribe_reports();
     host.broker
+        .as_ref()
+        .unwrap()
         .publish_api("pubsub", "orders", cloud_event("c-1", json!({})).to_string().into(), Some("application/cloudevents+json"), false)
         .await
         .unwrap();

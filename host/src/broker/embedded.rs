@@ -8,7 +8,7 @@
 //! idempotency records, state and outbox are on disk). Use Dapr with a real
 //! broker where that matters.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -57,7 +57,10 @@ pub enum PublishError {
 #[derive(Clone)]
 pub struct EmbeddedBroker {
     registry: Arc<Registry>,
-    pipeline: Arc<Pipeline>,
+    /// Weak: the pipeline holds the broker as its publisher, and a strong
+    /// reference both ways would keep both (and the store's file lock)
+    /// alive after the host stops.
+    pipeline: Weak<Pipeline>,
     queue: mpsc::Sender<Message>,
 }
 
@@ -65,7 +68,7 @@ impl EmbeddedBroker {
     /// The broker, and the receiving end for [`run_dispatcher`].
     pub fn new(registry: Arc<Registry>, pipeline: Arc<Pipeline>) -> (Self, mpsc::Receiver<Message>) {
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        (Self { registry, pipeline, queue }, receiver)
+        (Self { registry, pipeline: Arc::downgrade(&pipeline), queue }, receiver)
     }
 
     /// Dapr's publish API: `body` with `content_type` becomes the data of a
@@ -81,8 +84,9 @@ impl EmbeddedBroker {
         } else if is_cloudevent {
             if let Err(malformed) = CloudEvent::parse(&body, pubsub, topic) {
                 let rejection = Rejection::Malformed(malformed);
+                let pipeline = self.pipeline.upgrade().ok_or(PublishError::Closed)?;
                 for handler in self.registry.subscribers(pubsub, topic) {
-                    self.pipeline.reject(handler, &body, content_type, rejection.clone()).await;
+                    pipeline.reject(handler, &body, content_type, rejection.clone()).await;
                 }
                 return Err(PublishError::Rejected(rejection));
             }

@@ -95,3 +95,26 @@ fn trap_reason(error: &wasmtime::Error, cpu_time: Duration, state: &AttemptState
     }
     reason
 }
+
+/// One instance kept alive across calls. The service never does this (a
+/// fresh instance per attempt is what isolates events); the benchmark uses it
+/// as the floor that per-event isolation is measured against.
+pub struct ReusedInstance {
+    store: Store<AttemptState>,
+    handler: super::bindings::Handler,
+}
+
+impl ReusedInstance {
+    pub fn new(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext) -> anyhow::Result<Self> {
+        let mut store = Store::new(engine, AttemptState::new(ctx));
+        store.limiter(|state| &mut state.limits);
+        store.set_epoch_deadline(u64::MAX / 2);
+        let handler = component.pre.instantiate(&mut store).map_err(anyhow::Error::from)?;
+        Ok(Self { store, handler })
+    }
+
+    pub fn call(&mut self, event: &Event) -> anyhow::Result<Disposition> {
+        self.store.set_epoch_deadline(u64::MAX / 2);
+        self.handler.call_handle(&mut self.store, event).map_err(anyhow::Error::from)
+    }
+}

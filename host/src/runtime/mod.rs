@@ -24,7 +24,7 @@ pub use bindings::Event;
 pub use component::{HandlerComponent, LoadError};
 pub use engine::EngineConfig;
 pub use host_state::AttemptContext;
-pub use invoke::AttemptResult;
+pub use invoke::{AttemptResult, ReusedInstance};
 
 use host_state::AttemptState;
 
@@ -76,6 +76,11 @@ impl Runtime {
     /// call itself without the thread hand-off).
     pub fn dispatch_blocking(&self, component: &Arc<HandlerComponent>, ctx: AttemptContext, event: &Event, cpu_time: Duration) -> AttemptResult {
         invoke::run_attempt(&self.engine, component, ctx, event, cpu_time)
+    }
+
+    /// An instance kept across calls, for the benchmark's baseline.
+    pub fn reused_instance(&self, component: &HandlerComponent, ctx: AttemptContext) -> anyhow::Result<ReusedInstance> {
+        ReusedInstance::new(&self.engine, component, ctx)
     }
 
     pub fn engine(&self) -> &Engine {

@@ -1,7 +1,8 @@
 //! The HTTP server: routes, and serving them until shutdown.
 //!
 //! - [`publish_api`]: Dapr's publish API shape, served by the embedded broker;
-//! - [`admin`]: health, handlers and recent dead letters.
+//! - [`admin`]: health, handlers and recent dead letters;
+//! - [`crate::dapr::app`]: the Dapr app routes (subscriptions, events).
 
 pub mod admin;
 pub mod publish_api;
@@ -26,13 +27,18 @@ pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub pipeline: Arc<Pipeline>,
-    pub broker: EmbeddedBroker,
+    /// The in-process broker, when there is no sidecar.
+    pub broker: Option<EmbeddedBroker>,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .merge(publish_api::routes())
-        .merge(admin::routes())
+    let router = Router::new().merge(admin::routes());
+    // Dapr's publish API is served only by the embedded backend (with a
+    // sidecar, publish to the sidecar); the app routes serve both, so the
+    // embedded host also answers deliveries in Dapr's shape.
+    let router = if state.broker.is_some() { router.merge(publish_api::routes()) } else { router };
+    router
+        .merge(crate::dapr::app::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state)
 }

@@ -29,7 +29,10 @@ async fn publish(
 ) -> Response {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let raw = query.get("metadata.rawPayload").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    match state.broker.publish_api(&pubsub, &topic, body, content_type, raw).await {
+    let Some(broker) = &state.broker else {
+        return (StatusCode::NOT_FOUND, axum::Json(json!({"errorCode": "ERR_NOT_EMBEDDED", "message": "publish through the Dapr sidecar"}))).into_response();
+    };
+    match broker.publish_api(&pubsub, &topic, body, content_type, raw).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(error) => {
             let (status, code) = match &error {

@@ -40,6 +40,11 @@ pub enum Claim {
     AlreadyDone(DoneKind),
     /// Another run holds a live claim: this copy should come back later.
     HeldElsewhere { lease_until_ms: u64 },
+    /// The event is done, but publishes it committed are not all out yet
+    /// (their run died before relaying them). The store has queued them for
+    /// the relay; this copy should come back later, to be acknowledged only
+    /// once they are published.
+    DonePublishPending,
 }
 
 pub fn now_ms() -> u64 {
@@ -51,6 +56,8 @@ pub fn after_ms(now_ms: u64, duration: Duration) -> u64 {
 }
 
 /// Decides a claim on `key`; returns the answer and the record to save, if any.
+/// Never returns [`Claim::DonePublishPending`]: only a store that keeps the
+/// outbox inside the done record knows about that.
 pub fn decide_claim(key: &str, existing: Option<&Record>, now_ms: u64, lease: Duration, token: u64) -> (Claim, Option<Record>) {
     let acquire = |took_over| {
         let record = Record::InFlight { token, lease_until_ms: after_ms(now_ms, lease) };
