@@ -19,7 +19,7 @@ use crate::dedupe::{self, DedupeKey};
 use crate::manifest::IdempotencyConfig;
 use crate::outcome::{DuplicateOf, Outcome};
 use crate::receive::{self, Rejection};
-use crate::registry::Handler;
+use crate::registry::{Handler, HandlerCounts};
 use crate::relay::RelayTrigger;
 use crate::runtime::{AttemptContext, AttemptResult, Event, HandlerComponent, Runtime};
 use crate::store::{Claim, ClaimToken, Commit, Completion, DeliveryStore, OutboundMessage, OutboxId, StoreError};
@@ -148,6 +148,7 @@ impl Pipeline {
                 return self.dead_letter(flight, &token, &event.original, reason, attempt).await;
             }
             let delay = policy.next_delay_jittered(attempt, rand::random());
+            HandlerCounts::add(&handler.counts.retries);
             tracing::info!(messaging.attempt = attempt, %reason, retry_in = %humantime::format_duration(delay), "attempt failed; will retry");
             tokio::time::sleep(delay).await;
             attempt += 1;
@@ -321,6 +322,13 @@ impl Pipeline {
 
     /// The event's one decision line, and its report.
     fn report(&self, flight: &InFlight<'_>, outcome: Outcome) -> Outcome {
+        let counts = &flight.handler.counts;
+        HandlerCounts::add(match &outcome {
+            Outcome::Processed { .. } => &counts.processed,
+            Outcome::Duplicate { .. } => &counts.duplicates,
+            Outcome::DeadLettered { .. } => &counts.dead_lettered,
+            Outcome::InFlightElsewhere | Outcome::Deferred { .. } => &counts.deferred,
+        });
         match &outcome {
             Outcome::Processed { attempts } => tracing::info!(outcome = outcome.label(), messaging.attempt = attempts, "event processed"),
             Outcome::Duplicate { earlier } => tracing::info!(outcome = outcome.label(), ?earlier, "duplicate delivery skipped"),

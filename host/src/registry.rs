@@ -6,6 +6,7 @@
 //! whatever is swapped in meanwhile.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
@@ -22,12 +23,31 @@ pub struct Tenant {
     pub concurrency: Arc<Semaphore>,
 }
 
+/// What a handler's deliveries came to, since the host started.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct HandlerCounts {
+    pub processed: AtomicU64,
+    pub duplicates: AtomicU64,
+    /// Attempts that failed and were retried.
+    pub retries: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Deliveries handed back to the broker (held elsewhere, store down).
+    pub deferred: AtomicU64,
+}
+
+impl HandlerCounts {
+    pub fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 pub struct Handler {
     pub tenant: Arc<Tenant>,
     pub name: Arc<str>,
     pub config: HandlerConfig,
     pub route: String,
     pub dead_letter_topic: String,
+    pub counts: HandlerCounts,
     current: RwLock<Arc<HandlerComponent>>,
 }
 
@@ -75,6 +95,7 @@ impl Registry {
                     route: config.route(&tenant.name),
                     dead_letter_topic: config.dead_letter_topic(),
                     config: config.clone(),
+                    counts: HandlerCounts::default(),
                     current: RwLock::new(Arc::new(component)),
                 }));
             }

@@ -11,6 +11,8 @@ use wasmsub::broker::embedded::PublishError;
 use wasmsub::cloudevent::CLOUDEVENTS_JSON;
 use wasmsub::{DaprStatus, Host, EventReport, HostOptions, Manifest};
 
+pub mod dapr;
+
 /// Paths of the guest components, one constant per guest crate.
 pub mod guests {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));

@@ -6,6 +6,9 @@
 //! Each event increments `count:{key}` (read-modify-write through the host's
 //! state, so a double effect shows as 2) and stores `event:{key}` with the
 //! event's id, topic, attempt and extensions as JSON.
+//!
+//! A payload field `spin_ms` makes it busy for that long first, so a test can
+//! kill a host while the handler is running.
 
 wit_bindgen::generate!({ world: "handler", path: "../../wit" });
 
@@ -16,10 +19,14 @@ struct Recorder;
 
 impl Guest for Recorder {
     fn handle(event: Event) -> Disposition {
-        let key = serde_json::from_slice::<Value>(&event.data)
-            .ok()
-            .and_then(|v| v.get("key").and_then(Value::as_str).map(str::to_owned))
-            .unwrap_or_else(|| event.id.clone());
+        let payload = serde_json::from_slice::<Value>(&event.data).unwrap_or(Value::Null);
+        let key = payload.get("key").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| event.id.clone());
+        if let Some(spin_ms) = payload.get("spin_ms").and_then(Value::as_u64) {
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(spin_ms);
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
         let count_key = format!("count:{key}");
         let count = match state::get(&count_key) {
             Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).parse::<u64>().unwrap_or(0),

@@ -148,7 +148,7 @@ impl DeliveryStore for DaprStore {
         let record_key = claim_key(&encoded);
         let existing = self.load(&record_key).await?;
         let now = claim::now_ms();
-        let (answer, record) = claim::decide_claim(&encoded, existing.as_ref().map(|(s, _)| &s.record), now, lease, rand::random());
+        let (answer, record) = claim::decide_claim(&encoded, existing.as_ref().map(|(s, _)| &s.record), now, lease, claim::new_token());
         if let (Claim::AlreadyDone(_), Some((stored, _))) = (&answer, &existing)
             && !stored.outbox.is_empty()
         {

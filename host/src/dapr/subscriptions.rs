@@ -1,5 +1,10 @@
 //! `GET /dapr/subscribe`: the programmatic subscriptions Dapr reads once at
 //! start-up, built from the manifest.
+//!
+//! No `deadLetterTopic` is set: the host dead-letters the events it gives up
+//! on itself, with a reason. Dapr 1.18 would also dead-letter a DROP answer
+//! (a second copy, without a reason) and an event whose retries ran out
+//! while another copy was still being handled (a false dead letter).
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -13,10 +18,6 @@ pub struct Subscription {
     pub pubsubname: String,
     pub topic: String,
     pub route: String,
-    /// Dapr's own dead-letter topic: used only when Dapr gives up on its own
-    /// redeliveries (the host never answered). The host dead-letters the
-    /// events it decides on itself, to the same topic, with a reason.
-    pub dead_letter_topic: String,
     #[serde(skip_serializing_if = "Map::is_empty")]
     pub metadata: Map<String, Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -45,7 +46,6 @@ pub fn subscriptions(registry: &Registry) -> Vec<Subscription> {
                 pubsubname: config.pubsub.clone(),
                 topic: config.topic.clone(),
                 route: handler.route.clone(),
-                dead_letter_topic: handler.dead_letter_topic.clone(),
                 metadata,
                 bulk_subscribe: config.bulk.as_ref().map(|bulk| BulkSubscribe {
                     enabled: true,

@@ -36,6 +36,7 @@ async fn handlers(State(state): State<AppState>) -> Json<Value> {
                 "topic": h.config.topic,
                 "route": h.route,
                 "dead_letter_topic": h.dead_letter_topic,
+                "counts": &h.counts,
             })
         })
         .collect();

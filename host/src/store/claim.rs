@@ -47,6 +47,12 @@ pub enum Claim {
     DonePublishPending,
 }
 
+/// A fresh claim token. 53 bits: JSON stores that read numbers as doubles
+/// (Dapr re-encodes state values through Go's `float64`) keep it exact.
+pub fn new_token() -> u64 {
+    rand::random::<u64>() >> 11
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -92,7 +92,7 @@ impl DeliveryStore for EmbeddedStore {
             let answer = {
                 let mut claims = txn.open_table(CLAIMS).map_err(unavailable)?;
                 let existing = load(&claims, &key)?;
-                let (answer, record) = claim::decide_claim(&key, existing.as_ref(), claim::now_ms(), lease, rand::random());
+                let (answer, record) = claim::decide_claim(&key, existing.as_ref(), claim::now_ms(), lease, claim::new_token());
                 if let Some(record) = record {
                     claims.insert(key.as_str(), claim::encode(&record).as_slice()).map_err(unavailable)?;
                 }

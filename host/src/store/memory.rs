@@ -38,7 +38,7 @@ impl DeliveryStore for MemoryStore {
     async fn claim(&self, key: &DedupeKey, lease: Duration) -> Result<Claim, StoreError> {
         let key = key.encoded();
         let mut inner = self.lock();
-        let (answer, record) = claim::decide_claim(&key, inner.claims.get(&key), claim::now_ms(), lease, rand::random());
+        let (answer, record) = claim::decide_claim(&key, inner.claims.get(&key), claim::now_ms(), lease, claim::new_token());
         if let Some(record) = record {
             inner.claims.insert(key, record);
         }

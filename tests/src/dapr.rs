@@ -1,0 +1,308 @@
+//! Real Dapr for integration tests: a Redis server and daprd sidecars on
+//! free loopback ports, and wasmsub hosts as child processes (so a test can
+//! SIGKILL one). Every process is started by the test and stopped by it,
+//! also on failure (on drop), by its own pid and nothing else.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Starting daprd, Redis or a host takes a second or two; this is the bound
+/// after which a test fails with the process's log rather than hanging.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the child).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// The daprd binary: `$DAPRD` (scripts/test.sh sets it), else whatever
+/// scripts/get-daprd.sh finds or builds.
+pub fn daprd_binary() -> PathBuf {
+    static DAPRD: OnceLock<PathBuf> = OnceLock::new();
+    DAPRD
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("DAPRD").filter(|p| !p.is_empty()) {
+                return PathBuf::from(path);
+            }
+            let output = Command::new("bash")
+                .arg(repo_root().join("scripts/get-daprd.sh"))
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("running scripts/get-daprd.sh");
+            assert!(output.status.success(), "scripts/get-daprd.sh failed");
+            PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+        })
+        .clone()
+}
+
+/// A child process killed (by its pid) when dropped, with its output in a
+/// log file that a failing test prints.
+pub struct Process {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(name: &str, command: &mut Command, log_dir: &Path) -> Self {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Self { name: name.to_owned(), child: Some(child), log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no chance to finish anything (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: String = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            eprintln!("---- last lines of {} ({}) ----\n{tail}", self.name, self.log.display());
+        }
+    }
+}
+
+/// A Redis server for one test.
+pub struct Redis {
+    pub port: u16,
+    _process: Process,
+}
+
+impl Redis {
+    pub fn start(log_dir: &Path) -> Self {
+        let port = free_port();
+        let process = Process::spawn(
+            "redis",
+            Command::new("redis-server").args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]),
+            log_dir,
+        );
+        wait_for_port(port, &process);
+        Self { port, _process: process }
+    }
+}
+
+fn wait_for_port(port: u16, process: &Process) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{} did not listen on {port}:\n{}", process.name, process.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Redis Streams settings for tests: redeliveries within seconds, not the
+/// production minute, so crash tests stay short.
+pub struct StreamTimings {
+    pub processing_timeout: &'static str,
+    pub redeliver_interval: &'static str,
+}
+
+/// In milliseconds, as the component reads them (see components/pubsub.yaml).
+/// The resiliency retries (every 1 s) outlast the processing timeout, as in
+/// components/resiliency.yaml.
+pub const FAST_REDELIVERY: StreamTimings = StreamTimings { processing_timeout: "8000", redeliver_interval: "1000" };
+
+/// The repository's component YAMLs, pointed at `redis_port`.
+pub fn write_components(dir: &Path, redis_port: u16, timings: &StreamTimings) {
+    std::fs::create_dir_all(dir).unwrap();
+    for name in ["pubsub.yaml", "statestore.yaml", "resiliency.yaml"] {
+        let text = std::fs::read_to_string(repo_root().join("components").join(name)).unwrap();
+        let text = text
+            .replace("localhost:6379", &format!("127.0.0.1:{redis_port}"))
+            .replace("value: \"60000\"", &format!("value: \"{}\"", timings.processing_timeout))
+            .replace("value: \"10000\"", &format!("value: \"{}\"", timings.redeliver_interval))
+            .replace("maxRetries: 120", "maxRetries: 20");
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+/// One daprd sidecar.
+pub struct Daprd {
+    pub http_port: u16,
+    pub grpc_port: u16,
+    pub app_port: u16,
+    process: Process,
+}
+
+impl Daprd {
+    /// Starts daprd for `app_id` delivering to `app_port`, and waits until
+    /// its components are up (the app itself may start later).
+    pub fn start(name: &str, app_id: &str, app_port: u16, components: &Path, log_dir: &Path) -> Self {
+        let (http_port, grpc_port) = (free_port(), free_port());
+        Self::start_on(name, app_id, app_port, http_port, grpc_port, components, log_dir)
+    }
+
+    pub fn start_on(name: &str, app_id: &str, app_port: u16, http_port: u16, grpc_port: u16, components: &Path, log_dir: &Path) -> Self {
+        let ports = [http_port, grpc_port, free_port(), free_port()].map(|p| p.to_string());
+        let process = Process::spawn(
+            name,
+            Command::new(daprd_binary()).args([
+                "--app-id", app_id,
+                "--app-port", &app_port.to_string(),
+                "--app-protocol", "http",
+                "--dapr-http-port", &ports[0],
+                "--dapr-grpc-port", &ports[1],
+                "--dapr-internal-grpc-port", &ports[2],
+                "--metrics-port", &ports[3],
+                "--resources-path", components.to_str().unwrap(),
+                "--log-level", "info",
+            ]),
+            log_dir,
+        );
+        let daprd = Self { http_port, grpc_port, app_port, process };
+        daprd.wait_healthy();
+        daprd
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let url = format!("{}/v1.0/healthz/outbound", self.url());
+        loop {
+            if let Ok(response) = ureq_get(&url)
+                && response == 204
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "daprd never became healthy:\n{}", self.process.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    pub fn log_text(&self) -> String {
+        self.process.log_text()
+    }
+}
+
+/// A blocking GET's status (the harness runs outside any async runtime).
+fn ureq_get(url: &str) -> Result<u16, String> {
+    let output = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", url]).output().map_err(|e| e.to_string())?;
+    String::from_utf8_lossy(&output.stdout).trim().parse().map_err(|e| format!("{e}"))
+}
+
+/// A wasmsub host process behind `daprd`. `binary` is the test's
+/// `env!("CARGO_BIN_EXE_wasmsub-under-test")` (cargo gives it only to tests).
+pub fn start_host(binary: &str, name: &str, manifest: &Path, daprd: &Daprd, log_dir: &Path) -> Process {
+    let process = Process::spawn(
+        name,
+        Command::new(binary)
+            .args(["run", "--manifest", manifest.to_str().unwrap()])
+            .env("DAPR_HTTP_PORT", daprd.http_port.to_string())
+            .env("DAPR_GRPC_PORT", daprd.grpc_port.to_string())
+            .env("APP_PORT", daprd.app_port.to_string())
+            .env("WASMSUB_LISTEN", format!("127.0.0.1:{}", daprd.app_port))
+            .env("RUST_LOG", "info,wasmsub=debug"),
+        log_dir,
+    );
+    wait_for_port(daprd.app_port, &process);
+    process
+}
+
+/// Dapr's HTTP API, for the test's own publishes and state reads.
+pub struct DaprClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl DaprClient {
+    pub fn new(daprd: &Daprd) -> Self {
+        Self { http: reqwest::Client::new(), base: daprd.url() }
+    }
+
+    pub async fn publish(&self, topic: &str, event: &Value) {
+        let response = self
+            .http
+            .post(format!("{}/v1.0/publish/pubsub/{topic}", self.base))
+            .header("content-type", "application/cloudevents+json")
+            .body(event.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 204, "publish failed: {}", response.text().await.unwrap_or_default());
+    }
+
+    /// A tenant's state value, read through Dapr's state API the way any
+    /// other Dapr app would (wasmsub stores text as a JSON string).
+    pub async fn tenant_state(&self, tenant: &str, key: &str) -> Option<String> {
+        let scoped = format!("wasmsub|state|{}:{tenant}|{key}", tenant.len());
+        let url = format!("{}/v1.0/state/statestore/{}", self.base, scoped.replace('|', "%7C"));
+        let response = self.http.get(url).send().await.ok()?;
+        if response.status() != 200 {
+            return None;
+        }
+        match response.json::<Value>().await.ok()? {
+            Value::String(text) => Some(text),
+            other => Some(other.to_string()),
+        }
+    }
+
+    /// Waits until `predicate` holds for `key`'s value, or fails after `limit`.
+    pub async fn wait_for_state(&self, tenant: &str, key: &str, limit: Duration, predicate: impl Fn(Option<&str>) -> bool) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let value = self.tenant_state(tenant, key).await;
+            if predicate(value.as_deref()) {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "state {tenant}/{key} is {value:?} after {limit:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! wasmsub behind a real daprd and a real Redis: subscriptions, effects
+//! through Dapr's state store, duplicates, retries and dead letters, and
+//! crashes of the host and of the sidecar with events in flight.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wasmsub_tests::dapr::{DaprClient, Daprd, FAST_REDELIVERY, Redis, free_port, start_host, write_components};
+use wasmsub_tests::{cloud_event, guests};
+
+/// The wasmsub binary under test (host/src/main.rs, built by this crate).
+const HOST: &str = env!("CARGO_BIN_EXE_wasmsub-under-test");
+
+/// A test's scratch space: logs, components, manifest.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Scratch {
+    /// WASMSUB_KEEP_LOGS=1 keeps the processes' logs for a look afterwards.
+    fn drop(&mut self) {
+        if std::env::var_os("WASMSUB_KEEP_LOGS").is_some() {
+            let kept = self.dir.path().with_extension("kept");
+            let _ = std::fs::rename(self.dir.path(), &kept);
+            eprintln!("logs kept in {}", kept.display());
+        }
+    }
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap() }
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn components(&self, redis: &Redis) -> PathBuf {
+        let dir = self.path().join("components");
+        write_components(&dir, redis.port, &FAST_REDELIVERY);
+        dir
+    }
+    fn manifest(&self, body: &str) -> PathBuf {
+        let path = self.path().join("wasmsub.toml");
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+}
+
+/// Tenant `acme` with the given `[[tenant.handler]]` tables.
+fn manifest(limits: &str, handlers: &[(&str, &str, &str, &str)]) -> String {
+    let mut text = format!("[idempotency]\nlease_margin = \"1s\"\n\n[[tenant]]\nname = \"acme\"\nlimits = {{ {limits} }}\n");
+    for (name, component, topic, extra) in handlers {
+        text.push_str(&format!(
+            "\n[[tenant.handler]]\nname = \"{name}\"\ncomponent = {component:?}\ntopic = \"{topic}\"\n\
+             retry = {{ max_attempts = 3, multiplier = 0.05, min = \"50ms\", max = \"200ms\" }}\n{extra}\n"
+        ));
+    }
+    text
+}
+
+/// Publishes warm-up events until the host handles one: Dapr reads the
+/// subscriptions once the app port is open, and Redis Streams only delivers
+/// what is published after the consumer group exists.
+async fn wait_until_subscribed(client: &DaprClient, topic: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for attempt in 0.. {
+        client.publish(topic, &cloud_event(&format!("warm-up-{attempt}"), json!({"key": "warm-up"}))).await;
+        for _ in 0..10 {
+            if client.tenant_state("acme", "count:warm-up").await.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(Instant::now() < deadline, "the host never received an event through daprd");
+    }
+}
+
+async fn handler_counts(app_port: u16, handler: &str) -> Value {
+    let url = format!("http://127.0.0.1:{app_port}/wasmsub/handlers");
+    let body: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    body["handlers"].as_array().unwrap().iter().find(|h| h["handler"] == handler).unwrap()["counts"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_todo_app_through_daprd_and_redis() {
+    let scratch = Scratch::new();
+    let redis = Redis::start(scratch.path());
+    let app_port = free_port();
+    let daprd = Daprd::start("daprd", "todo", app_port, &scratch.components(&redis), scratch.path());
+    let manifest = scratch.manifest(&manifest("", &[
+        ("task-created", guests::TASK_CREATED, "task-created", ""),
+        ("audit", guests::RECORDER, "task-audit", ""),
+        ("orders", guests::RECORDER, "orders", ""),
+        ("flaky", guests::FLAKY, "reminders", ""),
+        ("poison", guests::POISON, "archive", ""),
+        ("dlq", guests::RECORDER, "archive-dead-letter", ""),
+    ]));
+    let _host = start_host(HOST, "host", &manifest, &daprd, scratch.path());
+    let client = DaprClient::new(&daprd);
+    wait_until_subscribed(&client, "orders").await;
+    let limit = Duration::from_secs(30);
+
+    // The todo handler's effect, read through Dapr's own state API.
+    client.publish("task-created", &cloud_event("task-7", json!({"id": 7, "title": "ship it"}))).await;
+    let task = client.wait_for_state("acme", "task:7", limit, |v| v.is_some()).await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&task).unwrap(), json!({"id": 7, "title": "ship it"}));
+    // Its audit publish went out through the sidecar and was delivered.
+    client.wait_for_state("acme", "event:task-7", Duration::ZERO, |_| true).await;
+
+    // The same CloudEvent id twice: one effect.
+    let order = cloud_event("order-1", json!({}));
+    client.publish("orders", &order).await;
+    client.publish("orders", &order).await;
+    let deadline = Instant::now() + limit;
+    while handler_counts(app_port, "orders").await["duplicates"] != 1 {
+        assert!(Instant::now() < deadline, "the duplicate was never delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(client.tenant_state("acme", "count:order-1").await.as_deref(), Some("1"));
+
+    // Flaky: retried in the host, then processed on its third attempt.
+    client.publish("reminders", &cloud_event("reminder-1", json!({"succeed_on_attempt": 3}))).await;
+    let attempt = client.wait_for_state("acme", "flaky:reminder-1", limit, |v| v.is_some()).await;
+    assert_eq!(attempt.as_deref(), Some("3"));
+
+    // Poison: dead-lettered by the host; a subscriber of the dead-letter
+    // topic receives it with its reason.
+    client.publish("archive", &cloud_event("archive-1", json!({}))).await;
+    let seen = client.wait_for_state("acme", "event:archive-1", limit, |v| v.is_some()).await.unwrap();
+    let seen: Value = serde_json::from_str(&seen).unwrap();
+    assert_eq!(seen["topic"], "archive-dead-letter");
+    assert_eq!(seen["extensions"]["wasmsubreason"], "poison: event archive-1 can never be handled");
+    assert_eq!(seen["extensions"]["wasmsubattempts"], "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_killed_mid_handler_reruns_the_event_once_after_restart() {
+    let scratch = Scratch::new();
+    let redis = Redis::start(scratch.path());
+    let app_port = free_port();
+    let daprd = Daprd::start("daprd", "crashy", app_port, &scratch.components(&redis), scratch.path());
+    // A 2 s lease (1 attempt x 1 s + 1 s margin): shorter than the 8 s
+    // after which Redis Streams redelivers, so the redelivery finds it expired.
+    let manifest = scratch.manifest(&manifest(r#"cpu_time = "1s""#, &[("slow", guests::RECORDER, "orders", "retry = { max_attempts = 1 }")]).replace(
+        "retry = { max_attempts = 3, multiplier = 0.05, min = \"50ms\", max = \"200ms\" }\nretry = { max_attempts = 1 }",
+        "retry = { max_attempts = 1 }",
+    ));
+    let mut first = start_host(HOST, "host-1", &manifest, &daprd, scratch.path());
+    let client = DaprClient::new(&daprd);
+    wait_until_subscribed(&client, "orders").await;
+
+    client.publish("orders", &cloud_event("slow-1", json!({"spin_ms": 800}))).await;
+    // Wait until the handler is running: its claim is in the store.
+    let claim_url = format!("{}/v1.0/state/statestore/wasmsub%7Cclaim%7C4:acme4:slow6:slow-1", daprd.url());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(&claim_url).await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "the event never reached the handler");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill();
+    assert_eq!(client.tenant_state("acme", "count:slow-1").await, None, "killed before it committed");
+
+    let _second = start_host(HOST, "host-2", &manifest, &daprd, scratch.path());
+    let count = client.wait_for_state("acme", "count:slow-1", Duration::from_secs(60), |v| v.is_some()).await;
+    assert_eq!(count.as_deref(), Some("1"));
+    // Let any further redelivery arrive; the effect stays single.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(client.tenant_state("acme", "count:slow-1").await.as_deref(), Some("1"));
+}
