@@ -168,3 +168,158 @@ async fn a_host_killed_mid_handler_reruns_the_event_once_after_restart() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(client.tenant_state("acme", "count:slow-1").await.as_deref(), Some("1"));
 }
+
+/// Reads many tenant keys at once through Dapr's bulk state API.
+async fn bulk_counts(daprd: &Daprd, keys: &[String]) -> Vec<Option<String>> {
+    let scoped: Vec<String> = keys.iter().map(|k| format!("wasmsub|state|4:acme|{k}")).collect();
+    let url = format!("{}/v1.0/state/statestore/bulk", daprd.url());
+    let body = json!({"keys": scoped, "parallelism": 16});
+    let items: Vec<Value> = reqwest::Client::new().post(url).json(&body).send().await.unwrap().json().await.unwrap();
+    let mut by_key = std::collections::HashMap::new();
+    for item in items {
+        by_key.insert(item["key"].as_str().unwrap().to_owned(), item["data"].as_str().map(str::to_owned));
+    }
+    scoped.iter().map(|k| by_key.get(k).cloned().flatten()).collect()
+}
+
+/// Waits until every key's count is present; then checks each is exactly 1.
+async fn assert_each_counted_once(daprd: &Daprd, keys: &[String], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let counts = bulk_counts(daprd, keys).await;
+        let missing = counts.iter().filter(|c| c.is_none()).count();
+        if missing == 0 {
+            let wrong: Vec<_> = keys.iter().zip(&counts).filter(|(_, c)| c.as_deref() != Some("1")).collect();
+            assert!(wrong.is_empty(), "effects not exactly once: {wrong:?}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{missing} of {} events never took effect", keys.len());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_daprd_with_events_in_flight_loses_none() {
+    let scratch = Scratch::new();
+    let redis = Redis::start(scratch.path());
+    let components = scratch.components(&redis);
+    let app_port = free_port();
+    let mut daprd = Daprd::start("daprd-1", "restarts", app_port, &components, scratch.path());
+    let manifest = scratch.manifest(&manifest("", &[("orders", guests::RECORDER, "orders", "")]));
+    let _host = start_host(HOST, "host", &manifest, &daprd, scratch.path());
+    let client = DaprClient::new(&daprd);
+    wait_until_subscribed(&client, "orders").await;
+
+    let keys: Vec<String> = (0..60).map(|i| format!("order-{i}")).collect();
+    for key in &keys {
+        client.publish("orders", &cloud_event(key, json!({"key": key, "spin_ms": 30}))).await;
+    }
+    // Kill the sidecar while deliveries are under way, then bring it back
+    // on the same ports (as a restarted sidecar container would be).
+    let count_keys: Vec<String> = keys.iter().map(|k| format!("count:{k}")).collect();
+    let done = bulk_counts(&daprd, &count_keys).await.iter().filter(|c| c.is_some()).count();
+    daprd.kill();
+    assert!(done < keys.len(), "all events were done before the sidecar died: the test proves nothing");
+    let (http_port, grpc_port) = (daprd.http_port, daprd.grpc_port);
+    let daprd = Daprd::start_on("daprd-2", "restarts", app_port, http_port, grpc_port, &components, scratch.path());
+    assert_each_counted_once(&daprd, &count_keys, Duration::from_secs(90)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_share_the_work_exactly_once_even_when_one_dies() {
+    let scratch = Scratch::new();
+    let redis = Redis::start(scratch.path());
+    let components = scratch.components(&redis);
+    let manifest = scratch.manifest(&manifest("max_concurrency = 8", &[("orders", guests::RECORDER, "orders", "")]));
+    let (port_a, port_b) = (free_port(), free_port());
+    let daprd_a = Daprd::start("daprd-a", "scaled", port_a, &components, scratch.path());
+    let mut daprd_b = Daprd::start("daprd-b", "scaled", port_b, &components, scratch.path());
+    let host_a = start_host(HOST, "host-a", &manifest, &daprd_a, scratch.path());
+    let mut host_b = start_host(HOST, "host-b", &manifest, &daprd_b, scratch.path());
+    let client = DaprClient::new(&daprd_a);
+    wait_until_subscribed(&client, "orders").await;
+
+    let keys: Vec<String> = (0..1000).map(|i| format!("e-{i}")).collect();
+    let count_keys: Vec<String> = keys.iter().map(|k| format!("count:{k}")).collect();
+    // Publish while watching progress, so the kill lands midway.
+    let publisher = {
+        let (client, keys) = (DaprClient::new(&daprd_a), keys.clone());
+        tokio::spawn(async move {
+            for key in &keys {
+                client.publish("orders", &cloud_event(key, json!({"key": key, "spin_ms": 5}))).await;
+            }
+        })
+    };
+    // Midway, host B's pod dies: the app and its sidecar, with no warning.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done_at_kill = loop {
+        let done = bulk_counts(&daprd_a, &count_keys).await.iter().filter(|c| c.is_some()).count();
+        if done >= 300 {
+            break done;
+        }
+        assert!(Instant::now() < deadline, "only {done} events processed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    host_b.kill();
+    daprd_b.kill();
+    assert!(done_at_kill < keys.len(), "all events were done before host B died: the test proves nothing");
+    publisher.await.unwrap();
+    assert_each_counted_once(&daprd_a, &count_keys, Duration::from_secs(120)).await;
+    let served_b = std::fs::read_to_string(&host_b.log).unwrap().matches("event processed").count();
+    assert!(served_b > 0, "host B took no share of the work");
+    drop(host_a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_or_sidecar_outage_is_answered_retry_and_nothing_runs_unguarded() {
+    let scratch = Scratch::new();
+    let mut redis = Some(Redis::start(scratch.path()));
+    let app_port = free_port();
+    let mut daprd = Daprd::start("daprd", "outage", app_port, &scratch.components(redis.as_ref().unwrap()), scratch.path());
+    let manifest = scratch.manifest(&manifest("", &[("orders", guests::RECORDER, "orders", "")]));
+    let _host = start_host(HOST, "host", &manifest, &daprd, scratch.path());
+    wait_until_subscribed(&DaprClient::new(&daprd), "orders").await;
+    let deliver = || async {
+        let response = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{app_port}/events/acme/orders"))
+            .header("content-type", "application/cloudevents+json")
+            .body(cloud_event("outage-1", json!({})).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "an event route never answers an error status");
+        response.json::<Value>().await.unwrap()
+    };
+    let processed_before = handler_counts(app_port, "orders").await["processed"].clone();
+
+    redis.take(); // the state store's Redis goes away
+    assert_eq!(deliver().await, json!({"status": "RETRY"}));
+    daprd.kill(); // and then the sidecar itself
+    assert_eq!(deliver().await, json!({"status": "RETRY"}));
+
+    let counts = handler_counts(app_port, "orders").await;
+    assert_eq!(counts["processed"], processed_before, "nothing ran without its idempotency claim");
+    assert_eq!(counts["deferred"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_deliveries_are_answered_per_entry() {
+    let scratch = Scratch::new();
+    let redis = Redis::start(scratch.path());
+    let app_port = free_port();
+    let daprd = Daprd::start("daprd", "bulky", app_port, &scratch.components(&redis), scratch.path());
+    let manifest = scratch.manifest(&manifest("", &[("orders", guests::RECORDER, "orders", "bulk = { max_messages = 10, max_await_ms = 200 }")]));
+    let _host = start_host(HOST, "host", &manifest, &daprd, scratch.path());
+    let subscriptions: Value = reqwest::get(format!("http://127.0.0.1:{app_port}/dapr/subscribe")).await.unwrap().json().await.unwrap();
+    assert_eq!(subscriptions[0]["bulkSubscribe"], json!({"enabled": true, "maxMessagesCount": 10, "maxAwaitDurationMs": 200}));
+    let client = DaprClient::new(&daprd);
+    wait_until_subscribed(&client, "orders").await;
+    let keys: Vec<String> = (0..40).map(|i| format!("bulk-{i}")).collect();
+    for key in &keys {
+        client.publish("orders", &cloud_event(key, json!({"key": key}))).await;
+    }
+    // One duplicate inside the batch stream: still one effect.
+    client.publish("orders", &cloud_event("bulk-0", json!({"key": "bulk-0"}))).await;
+    let count_keys: Vec<String> = keys.iter().map(|k| format!("count:{k}")).collect();
+    assert_each_counted_once(&daprd, &count_keys, Duration::from_secs(60)).await;
+}
