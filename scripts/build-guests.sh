@@ -74,7 +74,9 @@ esac
 # Copy exactly the guests of this workspace, so a removed guest's old
 # component cannot linger as a fixture.
 rm -rf "$out_dir" && mkdir -p "$out_dir"
-members="$(sed -n 's/^members = \[\(.*\)\]/\1/p' "$root/guests/Cargo.toml" | tr -d '" ' | tr ',' ' ')"
+members="$(cargo metadata --no-deps --format-version 1 --manifest-path "$root/guests/Cargo.toml" 2>/dev/null \
+    | python3 -c 'import json, sys; print(" ".join(p["name"] for p in json.load(sys.stdin)["packages"]))')"
+[ -n "$members" ] || { log "could not list the guest workspace's members"; exit 1; }
 for member in $members; do
     wasm="$target_dir/wasm32-wasip2/release/${member//-/_}.wasm"
     [ -f "$wasm" ] || { log "expected component $wasm was not built"; exit 1; }

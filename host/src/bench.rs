@@ -79,12 +79,17 @@ fn native_echo(event: &Event) -> bool {
 fn context(store: Arc<dyn DeliveryStore>) -> AttemptContext {
     AttemptContext {
         tenant: "bench".into(),
+        namespace: "bench".into(),
         handler: "echo".into(),
         version: "bench".into(),
         event_id: "bench".into(),
         store,
-        publish_topics: None,
+        publish_topics: Vec::new().into(),
+        capabilities: Default::default(),
         memory_bytes: 64 * 1024 * 1024,
+        table_elements: crate::manifest::DEFAULT_TABLE_ELEMENTS as usize,
+        max_log_bytes: crate::manifest::DEFAULT_MAX_LOG_BYTES,
+        fuel: None,
         runtime: tokio::runtime::Handle::current(),
     }
 }

@@ -101,6 +101,8 @@ impl Host {
         let mut engine_config = options.engine.clone();
         let largest_memory = manifest.tenants.iter().map(|t| t.limits.memory_mib as usize * 1024 * 1024).max().unwrap_or(0);
         engine_config.max_memory_bytes = engine_config.max_memory_bytes.max(largest_memory);
+        engine_config.consume_fuel |= manifest.tenants.iter().any(|t| t.limits.fuel.is_some());
+        check_concurrency_fits(manifest, &engine_config)?;
         let runtime = Runtime::new(&engine_config)?;
         // Compiling components is CPU work: keep it off the async threads.
         let registry = {
@@ -139,6 +141,21 @@ impl Host {
             tracing::warn!("deliveries still running after {DRAIN_TIMEOUT:?}; stopping anyway");
         }
     }
+}
+
+/// Each tenant's concurrency must fit the instance pool: a tenant allowed
+/// more events at once than there are instance slots would see its excess
+/// attempts fail to instantiate.
+fn check_concurrency_fits(manifest: &Manifest, engine: &EngineConfig) -> anyhow::Result<()> {
+    for tenant in &manifest.tenants {
+        if tenant.limits.max_concurrency > engine.instance_slots {
+            anyhow::bail!(
+                "tenant `{}` has max_concurrency {} but the instance pool has {} slots: lower it or raise --instance-slots",
+                tenant.name, tenant.limits.max_concurrency, engine.instance_slots
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn wait_for_sidecar(sidecar: &Sidecar) -> anyhow::Result<()> {

@@ -4,7 +4,7 @@
 //! file, the field and why, because a typo in a limit silently falling back
 //! to a default is how a sandbox gets looser than its operator thinks.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,6 +30,11 @@ pub const DEFAULT_CPU_TIME: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 /// Events of one tenant handled at once; the rest wait their turn.
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 16;
+/// Log bytes one attempt may write (log lines, stdout, stderr together).
+pub const DEFAULT_MAX_LOG_BYTES: usize = 64 * 1024;
+/// Table elements an instance may have (function-pointer tables of Rust
+/// guests hold a few hundred to a few thousand).
+pub const DEFAULT_TABLE_ELEMENTS: u32 = 20_000;
 /// The pub/sub component name Dapr's quick starts use.
 pub const DEFAULT_PUBSUB: &str = "pubsub";
 
@@ -68,6 +73,11 @@ pub struct TenantConfig {
     pub name: String,
     #[serde(default)]
     pub limits: TenantLimits,
+    /// What the tenant's handlers may reach beyond the handler world.
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    /// Where the tenant's state lives in the store; default: the tenant's name.
+    pub state_namespace: Option<String>,
     #[serde(rename = "handler")]
     pub handlers: Vec<HandlerConfig>,
 }
@@ -85,8 +95,48 @@ pub struct TenantLimits {
     pub max_payload_bytes: usize,
     /// Events handled at once across the tenant's handlers.
     pub max_concurrency: u32,
-    /// Topics the tenant's handlers may publish to; absent means any topic.
-    pub publish_topics: Option<Vec<String>>,
+    /// Topics the tenant's handlers may publish to. Empty (the default)
+    /// means none; `["*"]` means any.
+    pub publish_topics: Vec<String>,
+    /// Log bytes per attempt (log lines and captured stdout/stderr).
+    pub max_log_bytes: usize,
+    /// Table elements per instance.
+    pub table_elements: u32,
+    /// Optional fuel per attempt (wasm instructions, roughly): a
+    /// deterministic bound, where `cpu_time` is a wall-clock one.
+    pub fuel: Option<u64>,
+}
+
+/// Capabilities beyond the handler world. Everything is denied unless
+/// granted here; clocks and random numbers are always available.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capabilities {
+    /// Environment variables the guest sees (none by default).
+    pub env: BTreeMap<String, String>,
+    /// Outbound TCP/UDP and name lookup (off by default).
+    pub network: bool,
+    /// Host directories the guest may open (none by default).
+    pub dirs: Vec<DirGrant>,
+}
+
+/// One directory granted to a tenant's handlers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirGrant {
+    /// The directory on the host.
+    pub host: PathBuf,
+    /// Where the guest sees it, e.g. `/data`.
+    pub guest: String,
+    /// Read-only unless set.
+    #[serde(default)]
+    pub writable: bool,
+}
+
+impl TenantConfig {
+    pub fn state_namespace(&self) -> &str {
+        self.state_namespace.as_deref().unwrap_or(&self.name)
+    }
 }
 
 impl Default for TenantLimits {
@@ -96,7 +146,10 @@ impl Default for TenantLimits {
             cpu_time: DEFAULT_CPU_TIME,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
-            publish_topics: None,
+            publish_topics: Vec::new(),
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+            table_elements: DEFAULT_TABLE_ELEMENTS,
+            fuel: None,
         }
     }
 }
@@ -184,11 +237,21 @@ impl Manifest {
             bail!("no [[tenant]] is defined: the host would have nothing to run");
         }
         let mut tenant_names = HashSet::new();
+        let mut namespaces = HashSet::new();
         let mut routes = HashSet::new();
         for tenant in &self.tenants {
             check_name("tenant name", &tenant.name)?;
             if !tenant_names.insert(&tenant.name) {
                 bail!("tenant `{}` is defined twice", tenant.name);
+            }
+            check_name("state_namespace", tenant.state_namespace()).with_context(|| format!("tenant `{}`", tenant.name))?;
+            if !namespaces.insert(tenant.state_namespace()) {
+                bail!("tenant `{}` shares state_namespace `{}` with another tenant", tenant.name, tenant.state_namespace());
+            }
+            for dir in &tenant.capabilities.dirs {
+                if !dir.host.is_dir() {
+                    bail!("tenant `{}` capabilities.dirs: {} is not a directory", tenant.name, dir.host.display());
+                }
             }
             validate_limits(&tenant.limits).with_context(|| format!("tenant `{}` limits", tenant.name))?;
             if tenant.handlers.is_empty() {
@@ -224,6 +287,14 @@ fn validate_limits(limits: &TenantLimits) -> anyhow::Result<()> {
     }
     if limits.max_concurrency == 0 {
         bail!("max_concurrency must be positive");
+    }
+    if limits.fuel == Some(0) {
+        bail!("fuel must be positive when set");
+    }
+    for topic in &limits.publish_topics {
+        if topic != "*" {
+            check_topic("publish_topics entry", topic)?;
+        }
     }
     Ok(())
 }

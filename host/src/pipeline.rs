@@ -191,12 +191,17 @@ impl Pipeline {
         };
         let ctx = AttemptContext {
             tenant: tenant.name.clone(),
+            namespace: tenant.namespace.clone(),
             handler: handler.name.clone(),
             version: flight.component.short_version().into(),
             event_id: flight.event_id.as_str().into(),
             store: self.store.clone(),
             publish_topics: tenant.publish_topics.clone(),
+            capabilities: tenant.capabilities.clone(),
             memory_bytes: tenant.limits.memory_mib as usize * 1024 * 1024,
+            table_elements: tenant.limits.table_elements as usize,
+            max_log_bytes: tenant.limits.max_log_bytes,
+            fuel: tenant.limits.fuel,
             runtime: tokio::runtime::Handle::current(),
         };
         let wit_event = to_wit_event(event, attempt);
@@ -219,7 +224,7 @@ impl Pipeline {
         let commit = Commit {
             claim: token,
             completion: Completion::Processed,
-            tenant: &handler.tenant.name,
+            tenant: &handler.tenant.namespace,
             state_writes: &writes,
             outbox: &outbox,
             ttl: self.idempotency.ttl,
@@ -303,7 +308,7 @@ impl Pipeline {
         let commit = Commit {
             claim: token,
             completion: Completion::DeadLettered,
-            tenant: &handler.tenant.name,
+            tenant: &handler.tenant.namespace,
             state_writes: &[],
             outbox: std::slice::from_ref(&message),
             ttl: self.idempotency.ttl,

@@ -12,13 +12,16 @@ use std::sync::{Arc, RwLock};
 use anyhow::Context;
 use tokio::sync::Semaphore;
 
-use crate::manifest::{HandlerConfig, Manifest, TenantLimits};
+use crate::manifest::{Capabilities, HandlerConfig, Manifest, TenantLimits};
 use crate::runtime::{HandlerComponent, Runtime};
 
 pub struct Tenant {
     pub name: Arc<str>,
+    /// Where its state lives in the store.
+    pub namespace: Arc<str>,
     pub limits: TenantLimits,
-    pub publish_topics: Option<Arc<[String]>>,
+    pub publish_topics: Arc<[String]>,
+    pub capabilities: Arc<Capabilities>,
     /// Bounds the tenant's attempts running at once.
     pub concurrency: Arc<Semaphore>,
 }
@@ -79,8 +82,10 @@ impl Registry {
         for tenant_config in &manifest.tenants {
             let tenant = Arc::new(Tenant {
                 name: tenant_config.name.as_str().into(),
+                namespace: tenant_config.state_namespace().into(),
                 limits: tenant_config.limits.clone(),
-                publish_topics: tenant_config.limits.publish_topics.clone().map(Into::into),
+                publish_topics: tenant_config.limits.publish_topics.clone().into(),
+                capabilities: Arc::new(tenant_config.capabilities.clone()),
                 concurrency: Arc::new(Semaphore::new(tenant_config.limits.max_concurrency as usize)),
             });
             for config in &tenant_config.handlers {

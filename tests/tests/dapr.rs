@@ -88,7 +88,7 @@ async fn the_todo_app_through_daprd_and_redis() {
     let redis = Redis::start(scratch.path());
     let app_port = free_port();
     let daprd = Daprd::start("daprd", "todo", app_port, &scratch.components(&redis), scratch.path());
-    let manifest = scratch.manifest(&manifest("", &[
+    let manifest = scratch.manifest(&manifest(r#"publish_topics = ["task-audit"]"#, &[
         ("task-created", guests::TASK_CREATED, "task-created", ""),
         ("audit", guests::RECORDER, "task-audit", ""),
         ("orders", guests::RECORDER, "orders", ""),

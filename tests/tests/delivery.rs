@@ -74,7 +74,7 @@ async fn processed_events_are_remembered_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_todo_handler_stores_the_task_and_publishes_an_audit_event() {
-    let manifest = manifest_text("", &[
+    let manifest = manifest_text(r#"publish_topics = ["task-audit"]"#, &[
         HandlerSpec::new("task-created", guests::TASK_CREATED, "task-created"),
         // The audit topic's subscriber shows that the publish was relayed.
         HandlerSpec::new("audit", guests::RECORDER, "task-audit"),

@@ -31,6 +31,9 @@ pub struct EngineConfig {
     /// pages resident spares the next instance their page faults, which is
     /// most of a fresh instance's first-call cost; see docs/BENCHMARKS.md.
     pub keep_resident_bytes: usize,
+    /// Count fuel (set when some tenant has a fuel limit: metering costs a
+    /// few percent of guest speed, so it is off otherwise).
+    pub consume_fuel: bool,
 }
 
 /// A Rust guest component has a few core instances (its module plus the
@@ -48,6 +51,7 @@ impl Default for EngineConfig {
             max_memory_bytes: crate::manifest::DEFAULT_MEMORY_MIB as usize * 1024 * 1024,
             // A Rust guest's stack, data and first allocator pages.
             keep_resident_bytes: 2 * 1024 * 1024,
+            consume_fuel: false,
         }
     }
 }
@@ -69,6 +73,7 @@ pub fn build_engine(config: &EngineConfig) -> anyhow::Result<Engine> {
     wasm.wasm_component_model(true)
         .epoch_interruption(true)
         .memory_init_cow(true)
+        .consume_fuel(config.consume_fuel)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&wasm).map_err(anyhow::Error::from).context("configuring the wasmtime engine")
 }

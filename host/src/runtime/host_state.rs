@@ -7,31 +7,38 @@ use std::sync::Arc;
 use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{GuestLogLevel, log, publisher, state, types};
 use crate::effects::{Effects, PendingPublish};
+use crate::manifest::Capabilities;
 use crate::store::DeliveryStore;
 
-/// Log bytes one event's attempt may write; beyond it lines are dropped and
-/// counted, so a chatty guest cannot flood the host's logs.
-pub const MAX_LOG_BYTES_PER_ATTEMPT: usize = 64 * 1024;
 /// Longest single log line kept; longer lines are cut.
 pub const MAX_LOG_LINE_BYTES: usize = 4 * 1024;
-/// Guest stderr kept (a panic message ends up there).
-pub const MAX_STDERR_BYTES: usize = 4 * 1024;
+/// Guest stdout and stderr kept per attempt, each; writes beyond it fail in
+/// the guest. Stderr also carries a panic's message into the trap reason.
+pub const MAX_STDIO_BYTES: usize = 16 * 1024;
 
 /// Who the attempt runs for, and what it may touch.
 #[derive(Clone)]
 pub struct AttemptContext {
     pub tenant: Arc<str>,
+    /// The tenant's state namespace in the store.
+    pub namespace: Arc<str>,
     pub handler: Arc<str>,
     pub version: Arc<str>,
     pub event_id: Arc<str>,
     pub store: Arc<dyn DeliveryStore>,
-    /// Topics the tenant may publish to; `None` means any.
-    pub publish_topics: Option<Arc<[String]>>,
+    /// Topics the tenant may publish to (`*` for any).
+    pub publish_topics: Arc<[String]>,
+    pub capabilities: Arc<Capabilities>,
     pub memory_bytes: usize,
+    pub table_elements: usize,
+    /// Log bytes per attempt, log lines and stdio together.
+    pub max_log_bytes: usize,
+    /// Fuel per attempt, if the tenant meters it.
+    pub fuel: Option<u64>,
     /// The async runtime, for state reads made from the blocking guest thread.
     pub runtime: tokio::runtime::Handle,
 }
@@ -44,8 +51,9 @@ pub struct AttemptState {
     /// guest's (the store was down): the attempt is then not held against
     /// the guest's retry budget.
     pub(super) infrastructure_error: Option<String>,
+    pub(super) stdout: MemoryOutputPipe,
     pub(super) stderr: MemoryOutputPipe,
-    log_bytes: usize,
+    pub(super) log_bytes: usize,
     pub(super) log_lines_dropped: u32,
     wasi: WasiCtx,
     table: ResourceTable,
@@ -53,13 +61,12 @@ pub struct AttemptState {
 
 impl AttemptState {
     pub fn new(ctx: AttemptContext) -> Self {
-        let stderr = MemoryOutputPipe::new(MAX_STDERR_BYTES);
-        // Default-deny: no preopened directories, no environment, no
-        // arguments, no network, stdin empty and stdout discarded. Clocks and
-        // random numbers stay available.
-        let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
+        let stdout = MemoryOutputPipe::new(MAX_STDIO_BYTES);
+        let stderr = MemoryOutputPipe::new(MAX_STDIO_BYTES);
+        let wasi = wasi_context(&ctx.capabilities, &stdout, &stderr);
         let limits = StoreLimitsBuilder::new()
             .memory_size(ctx.memory_bytes)
+            .table_elements(ctx.table_elements)
             .instances(crate::runtime::engine::MAX_INSTANCES_PER_STORE)
             // A failed memory.grow becomes a trap that names the limit,
             // instead of an allocator abort the guest reports as "unreachable".
@@ -70,6 +77,7 @@ impl AttemptState {
             effects: Effects::default(),
             limits,
             infrastructure_error: None,
+            stdout,
             stderr,
             log_bytes: 0,
             log_lines_dropped: 0,
@@ -82,13 +90,45 @@ impl AttemptState {
         if topic.is_empty() || topic.len() > 255 || topic.contains(['/', ' ', '\n']) {
             return Err(format!("topic `{topic}` is not a valid topic name"));
         }
-        match &self.ctx.publish_topics {
-            Some(allowed) if !allowed.iter().any(|t| t == topic) => {
-                Err(format!("tenant `{}` may not publish to topic `{topic}`", self.ctx.tenant))
-            }
-            _ => Ok(()),
+        let allowed = &self.ctx.publish_topics;
+        if allowed.iter().any(|t| t == "*" || t == topic) {
+            return Ok(());
+        }
+        Err(format!("tenant `{}` may not publish to topic `{topic}` (allowed: {:?})", self.ctx.tenant, allowed))
+    }
+
+    /// Charges `bytes` to the attempt's log budget; false when spent.
+    pub(super) fn charge_log(&mut self, bytes: usize) -> bool {
+        if self.log_bytes + bytes > self.ctx.max_log_bytes {
+            self.log_lines_dropped += 1;
+            return false;
+        }
+        self.log_bytes += bytes;
+        true
+    }
+}
+
+/// WASI for one attempt: default-deny. No preopened directories, no
+/// environment, no arguments, no network, empty stdin, stdout and stderr
+/// captured (bounded). Clocks and random numbers stay available. A tenant's
+/// `capabilities` grant exceptions.
+fn wasi_context(capabilities: &Capabilities, stdout: &MemoryOutputPipe, stderr: &MemoryOutputPipe) -> WasiCtx {
+    let mut builder = WasiCtxBuilder::new();
+    builder.stdout(stdout.clone()).stderr(stderr.clone());
+    for (name, value) in &capabilities.env {
+        builder.env(name, value);
+    }
+    if capabilities.network {
+        builder.inherit_network().allow_ip_name_lookup(true);
+    }
+    for dir in &capabilities.dirs {
+        let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+        if let Err(error) = builder.preopened_dir(&dir.host, &dir.guest, perms) {
+            // Checked at start-up; a directory removed since is not granted.
+            tracing::warn!(dir = %dir.host.display(), %error, "granted directory cannot be opened; not granted");
         }
     }
+    builder.build()
 }
 
 impl WasiView for AttemptState {
@@ -101,8 +141,7 @@ impl types::Host for AttemptState {}
 
 impl log::Host for AttemptState {
     fn write(&mut self, level: GuestLogLevel, message: String) {
-        if self.log_bytes + message.len().min(MAX_LOG_LINE_BYTES) > MAX_LOG_BYTES_PER_ATTEMPT {
-            self.log_lines_dropped += 1;
+        if !self.charge_log(message.len().min(MAX_LOG_LINE_BYTES)) {
             return;
         }
         let mut line = message;
@@ -114,7 +153,6 @@ impl log::Host for AttemptState {
             line.truncate(cut);
             line.push_str(" [cut]");
         }
-        self.log_bytes += line.len();
         let ctx = &self.ctx;
         macro_rules! guest_log {
             ($level:expr) => {
@@ -141,7 +179,7 @@ impl state::Host for AttemptState {
         }
         let ctx = &self.ctx;
         // The guest runs on a blocking thread, so waiting here is allowed.
-        match ctx.runtime.block_on(ctx.store.get_state(&ctx.tenant, &key)) {
+        match ctx.runtime.block_on(ctx.store.get_state(&ctx.namespace, &key)) {
             Ok(value) => Ok(value),
             Err(error) => {
                 let reason = format!("state store unavailable: {error}");

@@ -13,6 +13,11 @@ use super::engine::deadline_ticks;
 use super::host_state::{AttemptContext, AttemptState};
 use crate::effects::Effects;
 
+/// A guest's `retry`/`drop` reason, and a trap's, is kept to this many bytes:
+/// it travels in logs and dead-letter messages, and a guest must not be able
+/// to make those large.
+pub const MAX_REASON_BYTES: usize = 1024;
+
 /// The result of one attempt, before the retry policy looks at it.
 #[derive(Debug)]
 pub enum AttemptResult {
@@ -37,17 +42,22 @@ pub fn run_attempt(
     event: &Event,
     cpu_time: Duration,
 ) -> AttemptResult {
+    let fuel = ctx.fuel;
     let mut store = Store::new(engine, AttemptState::new(ctx));
     store.limiter(|state| &mut state.limits);
     store.set_epoch_deadline(deadline_ticks(cpu_time));
     store.epoch_deadline_trap();
+    // Fails (harmlessly) when the engine does not meter fuel. Tenants
+    // without a fuel limit get all there is: only their CPU time applies.
+    let _ = store.set_fuel(fuel.unwrap_or(u64::MAX));
 
     let handler = match component.pre.instantiate(&mut store) {
         Ok(handler) => handler,
         Err(error) => return instantiate_failure(&store, error),
     };
     let answer = handler.call_handle(&mut store, event);
-    let state = store.into_data();
+    let mut state = store.into_data();
+    forward_stdio(&mut state);
     if state.log_lines_dropped > 0 {
         tracing::warn!(tenant = %state.ctx.tenant, handler = %state.ctx.handler,
             messaging.message.id = %state.ctx.event_id, dropped = state.log_lines_dropped,
@@ -58,9 +68,38 @@ pub fn run_attempt(
     }
     match answer {
         Ok(Disposition::Success) => AttemptResult::Succeeded(state.effects),
-        Ok(Disposition::Retry(reason)) => AttemptResult::GuestRetry(reason),
-        Ok(Disposition::Drop(reason)) => AttemptResult::GuestDrop(reason),
-        Err(error) => AttemptResult::Trapped(trap_reason(&error, cpu_time, &state)),
+        Ok(Disposition::Retry(reason)) => AttemptResult::GuestRetry(cut(reason)),
+        Ok(Disposition::Drop(reason)) => AttemptResult::GuestDrop(cut(reason)),
+        Err(error) => AttemptResult::Trapped(cut(trap_reason(&error, cpu_time, &state))),
+    }
+}
+
+/// Cuts `reason` to [`MAX_REASON_BYTES`] on a character boundary.
+fn cut(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let total = reason.len();
+        reason.truncate(end);
+        reason.push_str(&format!("... [cut from {total} bytes]"));
+    }
+    reason
+}
+
+/// The guest's stdout and stderr, line by line into the host's logs with
+/// the attempt's fields, within the attempt's log budget.
+fn forward_stdio(state: &mut AttemptState) {
+    for (stream, bytes) in [("stdout", state.stdout.contents()), ("stderr", state.stderr.contents())] {
+        for line in String::from_utf8_lossy(&bytes).lines().filter(|l| !l.trim().is_empty()) {
+            if !state.charge_log(line.len()) {
+                break;
+            }
+            let ctx = &state.ctx;
+            tracing::info!(target: "wasmsub::guest", tenant = %ctx.tenant, handler = %ctx.handler,
+                handler.version = %ctx.version, messaging.message.id = %ctx.event_id, stream, "{line}");
+        }
     }
 }
 
@@ -80,6 +119,7 @@ fn trap_reason(error: &wasmtime::Error, cpu_time: Duration, state: &AttemptState
     let full = format!("{error:#}");
     let mut reason = match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => format!("cpu time limit {} exceeded", humantime::format_duration(cpu_time)),
+        Some(Trap::OutOfFuel) => format!("fuel limit {} exceeded", state.ctx.fuel.unwrap_or_default()),
         Some(Trap::StackOverflow) => "stack overflow (wasm stack limit exceeded)".to_owned(),
         _ if full.contains("forcing trap when growing memory") => format!(
             "memory limit {} MiB exceeded ({full})",

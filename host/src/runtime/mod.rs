@@ -32,6 +32,9 @@ use host_state::AttemptState;
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
+    /// One permit per instance slot: attempts beyond the pool wait here
+    /// instead of failing to instantiate.
+    slots: Arc<tokio::sync::Semaphore>,
     linker: Arc<Linker<AttemptState>>,
     _ticker: Arc<engine::EpochTicker>,
 }
@@ -45,7 +48,8 @@ impl Runtime {
             .map_err(anyhow::Error::from)
             .context("linking the handler world's imports")?;
         let ticker = engine::EpochTicker::start(engine.clone())?;
-        Ok(Self { engine, linker: Arc::new(linker), _ticker: Arc::new(ticker) })
+        let slots = Arc::new(tokio::sync::Semaphore::new(config.instance_slots as usize));
+        Ok(Self { engine, slots, linker: Arc::new(linker), _ticker: Arc::new(ticker) })
     }
 
     /// Loads and checks a component file (compiles it: call off the event path).
@@ -66,8 +70,15 @@ impl Runtime {
         event: Event,
         cpu_time: Duration,
     ) -> AttemptResult {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return AttemptResult::Infrastructure("instance pool closed".into());
+        };
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || invoke::run_attempt(&engine, &component, ctx, &event, cpu_time))
+        tokio::task::spawn_blocking(move || {
+            let result = invoke::run_attempt(&engine, &component, ctx, &event, cpu_time);
+            drop(slot);
+            result
+        })
             .await
             .unwrap_or_else(|e| AttemptResult::Infrastructure(format!("attempt thread failed: {e}")))
     }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The end-to-end benchmark (docs/BENCHMARKS.md): builds what it compares
+# (release wasmsub, the native subscriber, the guests, daprd, a Python venv
+# with the Dapr SDK) and runs bench/e2e/run.py. Not part of the tests.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+require_cargo
+cd "$root"
+bash scripts/apt-install.sh redis-server python3-venv
+daprd="$(bash scripts/get-daprd.sh)"
+bash scripts/build-guests.sh "$root/target/guests"
+cargo build --release --locked --bin wasmsub -p native-subscriber
+venv="$WASMSUB_CACHE/bench-venv"
+if [ ! -x "$venv/bin/uvicorn" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q dapr dapr-ext-fastapi fastapi uvicorn
+fi
+exec python3 bench/e2e/run.py --repo "$root" --daprd "$daprd" \
+    --wasmsub "$CARGO_TARGET_DIR/release/wasmsub" --native "$CARGO_TARGET_DIR/release/native-subscriber" \
+    --component "$root/target/guests/task_created.wasm" --python "$venv/bin/python" "$@"
