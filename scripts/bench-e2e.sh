@@ -9,7 +9,7 @@ cd "$root"
 bash scripts/apt-install.sh redis-server python3-venv
 daprd="$(bash scripts/get-daprd.sh)"
 bash scripts/build-guests.sh "$root/target/guests"
-cargo build --release --locked --bin wasmsub -p native-subscriber
+cargo build --release --locked -p wasmsub -p native-subscriber --bins
 venv="$WASMSUB_CACHE/bench-venv"
 if [ ! -x "$venv/bin/uvicorn" ]; then
     python3 -m venv "$venv"

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// How often the epoch advances: the resolution of the CPU-time limit. 10 ms
 /// costs nothing measurable and keeps a limit's overshoot small.
@@ -31,6 +31,10 @@ pub struct EngineConfig {
     /// pages resident spares the next instance their page faults, which is
     /// most of a fresh instance's first-call cost; see docs/BENCHMARKS.md.
     pub keep_resident_bytes: usize,
+    /// Reset only the pages an instance touched (Linux 6.7+ `PAGEMAP_SCAN`)
+    /// instead of the whole resident prefix; off where unsupported. See
+    /// docs/BENCHMARKS.md: resetting memory was most of a fresh instance's cost.
+    pub pagemap_scan: bool,
     /// Count fuel (set when some tenant has a fuel limit: metering costs a
     /// few percent of guest speed, so it is off otherwise).
     pub consume_fuel: bool,
@@ -51,6 +55,7 @@ impl Default for EngineConfig {
             max_memory_bytes: crate::manifest::DEFAULT_MEMORY_MIB as usize * 1024 * 1024,
             // A Rust guest's stack, data and first allocator pages.
             keep_resident_bytes: 2 * 1024 * 1024,
+            pagemap_scan: true,
             consume_fuel: false,
         }
     }
@@ -68,7 +73,8 @@ pub fn build_engine(config: &EngineConfig) -> anyhow::Result<Engine> {
         .max_tables_per_component(TABLES_PER_COMPONENT)
         .max_memory_size(config.max_memory_bytes)
         .linear_memory_keep_resident(config.keep_resident_bytes)
-        .table_keep_resident(64 * 1024);
+        .table_keep_resident(64 * 1024)
+        .pagemap_scan(if config.pagemap_scan { Enabled::Auto } else { Enabled::No });
     let mut wasm = Config::new();
     wasm.wasm_component_model(true)
         .epoch_interruption(true)

@@ -74,19 +74,34 @@ impl Runtime {
             return AttemptResult::Infrastructure("instance pool closed".into());
         };
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = invoke::run_attempt(&engine, &component, ctx, &event, cpu_time);
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let attempt = tokio::task::spawn_blocking(move || {
+            let (result, spent) = invoke::run_attempt(&engine, &component, ctx, &event, cpu_time);
+            // Answer first; then return the instance to the pool (and only
+            // then free its slot).
+            let _ = answer.send(result);
+            drop(spent);
             drop(slot);
-            result
-        })
-            .await
-            .unwrap_or_else(|e| AttemptResult::Infrastructure(format!("attempt thread failed: {e}")))
+        });
+        match answered.await {
+            Ok(result) => result,
+            Err(_) => match attempt.await {
+                Err(error) => AttemptResult::Infrastructure(format!("attempt thread failed: {error}")),
+                Ok(()) => AttemptResult::Infrastructure("attempt ended without a result".into()),
+            },
+        }
     }
 
     /// Runs one attempt on the calling thread (benchmarks, which measure the
-    /// call itself without the thread hand-off).
-    pub fn dispatch_blocking(&self, component: &Arc<HandlerComponent>, ctx: AttemptContext, event: &Event, cpu_time: Duration) -> AttemptResult {
+    /// call itself without the thread hand-off): the result, and the store
+    /// whose drop returns the instance to the pool.
+    pub fn dispatch_blocking(&self, component: &Arc<HandlerComponent>, ctx: AttemptContext, event: &Event, cpu_time: Duration) -> (AttemptResult, invoke::SpentStore) {
         invoke::run_attempt(&self.engine, component, ctx, event, cpu_time)
+    }
+
+    /// The phases of one fresh-instance attempt, for the benchmark.
+    pub fn profile_attempt(&self, component: &HandlerComponent, ctx: AttemptContext, event: &Event) -> [Duration; 4] {
+        invoke::profile_attempt(&self.engine, component, ctx, event)
     }
 
     /// An instance kept across calls, for the benchmark's baseline.
