@@ -42,6 +42,8 @@ def http(method, url, body=None, content_type="application/json"):
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, b""
 
 
 def wait_until(predicate, what, limit=60.0):

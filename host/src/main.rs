@@ -82,6 +82,19 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         events: usize,
     },
+    /// Measure isolation between tenants: a quiet tenant's latency beside a
+    /// hostile one, and host memory with many tenants loaded.
+    BenchTenants {
+        /// Directory of the built guests (scripts/build-guests.sh).
+        #[arg(long, default_value = "target/guests")]
+        guests: PathBuf,
+        /// Quiet tenant's events per measurement.
+        #[arg(long, default_value_t = 2_000)]
+        events: usize,
+        /// Tenants to load for the memory figure.
+        #[arg(long, default_value_t = 1_000)]
+        tenants: usize,
+    },
     /// Run the todo demo in-process: sample events, a duplicate, a flaky and a
     /// poison one, and what happened to each.
     Demo {
@@ -175,6 +188,11 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::DeadLetters { url } => client::print_dead_letters(&url).await,
         Command::Bench { component, events } => wasmsub::bench::run(&component, events, &mut std::io::stdout()).await,
+        Command::BenchTenants { guests, events, tenants } => {
+            let mut out = std::io::stdout();
+            wasmsub::bench::tenants::noisy_neighbour(&guests, events, &mut out).await?;
+            wasmsub::bench::tenants::many_tenants(&guests, tenants, &mut out).await
+        }
         Command::Demo { manifest } => demo::run(&manifest, &mut std::io::stdout()).await,
     }
 }

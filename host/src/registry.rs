@@ -79,6 +79,7 @@ impl Registry {
     /// with an error naming the tenant, handler and file.
     pub fn load(manifest: &Manifest, runtime: &Runtime) -> anyhow::Result<Self> {
         let mut handlers = Vec::new();
+        let mut compiled: HashMap<std::path::PathBuf, Arc<HandlerComponent>> = HashMap::new();
         for tenant_config in &manifest.tenants {
             let tenant = Arc::new(Tenant {
                 name: tenant_config.name.as_str().into(),
@@ -89,9 +90,18 @@ impl Registry {
                 concurrency: Arc::new(Semaphore::new(tenant_config.limits.max_concurrency as usize)),
             });
             for config in &tenant_config.handlers {
-                let component = runtime
-                    .load(&config.component)
-                    .with_context(|| format!("loading tenant `{}` handler `{}`", tenant.name, config.name))?;
+                // Handlers naming the same file share one compiled version.
+                let component = match compiled.get(&config.component) {
+                    Some(component) => Arc::clone(component),
+                    None => {
+                        let component = runtime
+                            .load(&config.component)
+                            .with_context(|| format!("loading tenant `{}` handler `{}`", tenant.name, config.name))?;
+                        let component = Arc::new(component);
+                        compiled.insert(config.component.clone(), Arc::clone(&component));
+                        component
+                    }
+                };
                 tracing::info!(tenant = %tenant.name, handler = %config.name, handler.version = component.short_version(),
                     topic = %config.topic, "handler loaded");
                 handlers.push(Arc::new(Handler {
@@ -101,7 +111,7 @@ impl Registry {
                     dead_letter_topic: config.dead_letter_topic(),
                     config: config.clone(),
                     counts: HandlerCounts::default(),
-                    current: RwLock::new(Arc::new(component)),
+                    current: RwLock::new(component),
                 }));
             }
         }

@@ -29,7 +29,7 @@ impl HandlerComponent {
 /// Why a component cannot serve; the old version (if any) keeps serving.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read component {path}: {source}")]
+    #[error("cannot read component {path}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("component {path} is not a valid WebAssembly component: {reason}")]
     Invalid { path: PathBuf, reason: String },

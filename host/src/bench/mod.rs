@@ -10,6 +10,11 @@
 //!
 //! Each row reports the median and p99 latency of single events and the
 //! events per second one thread sustains.
+//!
+//! [`tenants`] measures isolation between tenants: a quiet tenant's latency
+//! beside a hostile one, and the memory of a host with many tenants.
+
+pub mod tenants;
 
 use std::io::Write;
 use std::path::Path;
