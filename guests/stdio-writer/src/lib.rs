@@ -14,12 +14,24 @@ impl Guest for StdioWriter {
         let file = std::fs::read_to_string("/etc/passwd").map(|s| s.len()).map_err(|e| e.kind().to_string());
         let dir = std::fs::read_dir("/").map(|d| d.count()).map_err(|e| e.kind().to_string());
         let env: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
-        let net = std::net::TcpStream::connect("127.0.0.1:22").map(|_| ()).map_err(|e| e.kind().to_string());
+        let net = connect_probe();
         let summary = format!("file={file:?} dir={dir:?} env={env:?} net={net:?}");
         println!("stdout says hello: {summary}");
         let _ = writeln!(std::io::stderr(), "stderr says hello");
         Disposition::Drop(summary)
     }
+}
+
+/// A TCP connect through `wasi:sockets` directly (std's `TcpStream` would
+/// need a libc with sockets, which one of the two guest toolchains lacks).
+fn connect_probe() -> Result<(), String> {
+    use wasip2::sockets::instance_network::instance_network;
+    use wasip2::sockets::network::{IpAddressFamily, IpSocketAddress, Ipv4SocketAddress};
+    use wasip2::sockets::tcp_create_socket::create_tcp_socket;
+    let network = instance_network();
+    let socket = create_tcp_socket(IpAddressFamily::Ipv4).map_err(|e| format!("{e:?}"))?;
+    let address = IpSocketAddress::Ipv4(Ipv4SocketAddress { port: 22, address: (127, 0, 0, 1) });
+    socket.start_connect(&network, address).map_err(|e| format!("{e:?}"))
 }
 
 export!(StdioWriter);
