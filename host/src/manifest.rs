@@ -178,10 +178,14 @@ pub struct HandlerConfig {
     pub raw_payload: bool,
     /// Ask Dapr for bulk deliveries (many events per request).
     pub bulk: Option<BulkConfig>,
+    /// Only events of this CloudEvent `type` (a Dapr routing rule,
+    /// `event.type == "..."`); handlers without one on the same topic get
+    /// the other events.
+    pub match_type: Option<String>,
 }
 
 /// Dapr's bulk subscribe settings for one handler.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BulkConfig {
     /// Events per request at most.
@@ -271,8 +275,40 @@ impl Manifest {
                 }
             }
         }
-        Ok(())
+        check_topic_groups(self)
     }
+}
+
+/// Dapr delivers a topic to an app through one subscription: the handlers
+/// sharing a (pubsub, topic) must agree on what that subscription asks for.
+fn check_topic_groups(manifest: &Manifest) -> anyhow::Result<()> {
+    let mut groups: std::collections::HashMap<(&str, &str), Vec<(&str, &HandlerConfig)>> = Default::default();
+    for tenant in &manifest.tenants {
+        for handler in &tenant.handlers {
+            groups.entry((&handler.pubsub, &handler.topic)).or_default().push((&tenant.name, handler));
+        }
+    }
+    for ((pubsub, topic), handlers) in groups {
+        let (first_tenant, first) = handlers[0];
+        for (tenant, handler) in &handlers[1..] {
+            if handler.raw_payload != first.raw_payload || handler.bulk != first.bulk {
+                bail!(
+                    "handlers on topic `{topic}` of pubsub `{pubsub}` disagree on raw_payload or bulk \
+                     (`{first_tenant}/{}` and `{tenant}/{}`): Dapr gives an app one subscription per topic",
+                    first.name, handler.name
+                );
+            }
+        }
+        let mut types = HashSet::new();
+        for (tenant, handler) in &handlers {
+            if let Some(ty) = &handler.match_type
+                && !types.insert(ty.as_str())
+            {
+                bail!("two handlers on topic `{topic}` match type `{ty}` (one is `{tenant}/{}`): a rule routes to one", handler.name);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate_limits(limits: &TenantLimits) -> anyhow::Result<()> {

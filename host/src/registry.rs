@@ -67,11 +67,27 @@ impl Handler {
     }
 }
 
+/// Where a delivery to one HTTP route goes.
+#[derive(Clone)]
+pub enum RouteTarget {
+    /// One handler's own route.
+    Handler(Arc<Handler>),
+    /// A topic's default route when several handlers (of any tenants) take
+    /// its events: each gets every delivery, and dedupes it on its own.
+    FanOut(Vec<Arc<Handler>>),
+}
+
 /// Every handler, indexed the ways deliveries arrive.
 pub struct Registry {
     pub handlers: Vec<Arc<Handler>>,
     by_topic: HashMap<(String, String), Vec<Arc<Handler>>>,
-    by_route: HashMap<String, Arc<Handler>>,
+    by_route: HashMap<String, RouteTarget>,
+}
+
+/// The route Dapr delivers a topic's unmatched events to when more than one
+/// handler takes them.
+pub fn fan_out_route(pubsub: &str, topic: &str) -> String {
+    format!("/topics/{pubsub}/{topic}")
 }
 
 impl Registry {
@@ -122,7 +138,13 @@ impl Registry {
                 .entry((handler.config.pubsub.clone(), handler.config.topic.clone()))
                 .or_default()
                 .push(handler.clone());
-            by_route.insert(handler.route.clone(), handler.clone());
+            by_route.insert(handler.route.clone(), RouteTarget::Handler(handler.clone()));
+        }
+        for ((pubsub, topic), group) in &by_topic {
+            let defaults: Vec<_> = group.iter().filter(|h| h.config.match_type.is_none()).cloned().collect();
+            if defaults.len() > 1 {
+                by_route.insert(fan_out_route(pubsub, topic), RouteTarget::FanOut(defaults));
+            }
         }
         Ok(Self { handlers, by_topic, by_route })
     }
@@ -132,8 +154,26 @@ impl Registry {
         self.by_topic.get(&(pubsub.to_owned(), topic.to_owned())).map_or(&[], Vec::as_slice)
     }
 
-    pub fn by_route(&self, route: &str) -> Option<&Arc<Handler>> {
+    /// Who gets an event of type `event_type` on `topic`, the way Dapr's
+    /// routing rules decide: the handler whose `match_type` it is, else
+    /// every handler without one.
+    pub fn recipients(&self, pubsub: &str, topic: &str, event_type: Option<&str>) -> Vec<Arc<Handler>> {
+        let group = self.subscribers(pubsub, topic);
+        if let Some(ty) = event_type
+            && let Some(matched) = group.iter().find(|h| h.config.match_type.as_deref() == Some(ty))
+        {
+            return vec![matched.clone()];
+        }
+        group.iter().filter(|h| h.config.match_type.is_none()).cloned().collect()
+    }
+
+    pub fn by_route(&self, route: &str) -> Option<&RouteTarget> {
         self.by_route.get(route)
+    }
+
+    /// The (pubsub, topic) groups of handlers, for building subscriptions.
+    pub fn topics(&self) -> impl Iterator<Item = (&(String, String), &Vec<Arc<Handler>>)> {
+        self.by_topic.iter()
     }
 
     /// The pub/sub component names the manifest uses.

@@ -323,3 +323,37 @@ async fn bulk_deliveries_are_answered_per_entry() {
     let count_keys: Vec<String> = keys.iter().map(|k| format!("count:{k}")).collect();
     assert_each_counted_once(&daprd, &count_keys, Duration::from_secs(60)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_sharing_a_topic_each_get_it_and_rules_route_by_type() {
+    let scratch = Scratch::new();
+    let redis = Redis::start(scratch.path());
+    let app_port = free_port();
+    let daprd = Daprd::start("daprd", "shared", app_port, &scratch.components(&redis), scratch.path());
+    let r = guests::RECORDER;
+    let manifest = scratch.manifest(&format!(
+        "[[tenant]]\nname = \"acme\"\n\
+         [[tenant.handler]]\nname = \"orders\"\ncomponent = {r:?}\ntopic = \"orders\"\n\
+         [[tenant.handler]]\nname = \"cancellations\"\ncomponent = {r:?}\ntopic = \"orders\"\nmatch_type = \"order.cancelled\"\n\
+         [[tenant]]\nname = \"globex\"\n\
+         [[tenant.handler]]\nname = \"orders\"\ncomponent = {r:?}\ntopic = \"orders\"\n"
+    ));
+    let _host = start_host(HOST, "host", &manifest, &daprd, scratch.path());
+    let client = DaprClient::new(&daprd);
+    wait_until_subscribed(&client, "orders").await;
+    let limit = Duration::from_secs(30);
+
+    client.publish("orders", &cloud_event("placed-1", json!({"key": "placed-1"}))).await;
+    for tenant in ["acme", "globex"] {
+        let count = client.wait_for_state(tenant, "count:placed-1", limit, |v| v.is_some()).await;
+        assert_eq!(count.as_deref(), Some("1"), "tenant {tenant}");
+    }
+    let mut cancelled = cloud_event("cancel-1", json!({"key": "cancel-1"}));
+    cancelled["type"] = "order.cancelled".into();
+    client.publish("orders", &cancelled).await;
+    let seen = client.wait_for_state("acme", "event:cancel-1", limit, |v| v.is_some()).await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&seen).unwrap()["topic"], "orders");
+    let counts = handler_counts(app_port, "cancellations").await;
+    assert_eq!(counts["processed"], 1, "the rule routed it to `cancellations`");
+    assert_eq!(client.tenant_state("globex", "count:cancel-1").await, None, "a rule routes to one handler only");
+}

@@ -153,12 +153,16 @@ pub async fn run_dispatcher(
             _ = shutdown.cancelled() => return,
             message = queue.recv() => match message { Some(m) => m, None => return },
         };
-        let subscribers = registry.subscribers(&message.pubsub, &message.topic);
+        // The event type decides routing rules (`match_type`), as in Dapr.
+        let event_type = serde_json::from_slice::<Value>(&message.body)
+            .ok()
+            .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_owned));
+        let subscribers = registry.recipients(&message.pubsub, &message.topic, event_type.as_deref());
         if subscribers.is_empty() {
             tracing::debug!(messaging.destination.name = %message.topic, "no handler subscribes to this topic; message not delivered");
         }
         for handler in subscribers {
-            let (handler, pipeline, message, shutdown) = (handler.clone(), pipeline.clone(), message.clone(), shutdown.clone());
+            let (pipeline, message, shutdown) = (pipeline.clone(), message.clone(), shutdown.clone());
             tasks.spawn(deliver_until_settled(handler, pipeline, message, shutdown));
         }
     }

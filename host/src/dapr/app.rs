@@ -1,7 +1,9 @@
 //! The host as a Dapr application (HTTP app protocol): the subscription list
 //! and the event routes, single and bulk.
 //!
-//! Every event route answers HTTP 200 with `{"status": ...}`. A route Dapr
+//! A handler's own route delivers to it; a topic's fan-out route delivers to
+//! every handler without a `match_type` on that topic (several tenants on
+//! one topic). Every event route answers HTTP 200 with `{"status": ...}`. A route Dapr
 //! was told about never answers 404 (Dapr would drop the event): an unknown
 //! route answers RETRY.
 
@@ -14,8 +16,12 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use std::sync::Arc;
+
 use super::subscriptions::{Subscription, subscriptions};
 use crate::outcome::DaprStatus;
+use crate::pipeline::Pipeline;
+use crate::registry::{Handler, RouteTarget};
 use crate::server::AppState;
 
 pub fn routes() -> Router<AppState> {
@@ -44,46 +50,66 @@ async fn deliver(State(state): State<AppState>, method: Method, uri: Uri, header
     if method != Method::POST {
         return StatusCode::NOT_FOUND.into_response();
     }
-    let Some(handler) = state.registry.by_route(uri.path()).cloned() else {
-        tracing::warn!(route = uri.path(), "delivery to a route no handler serves; asking Dapr to retry");
-        return status_reply(DaprStatus::Retry);
+    let targets = match state.registry.by_route(uri.path()) {
+        Some(RouteTarget::Handler(handler)) => vec![handler.clone()],
+        Some(RouteTarget::FanOut(handlers)) => handlers.clone(),
+        None => {
+            tracing::warn!(route = uri.path(), "delivery to a route no handler serves; asking Dapr to retry");
+            return status_reply(DaprStatus::Retry);
+        }
     };
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    if handler.config.bulk.is_some()
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    // Handlers sharing a route share one subscription, so the same bulk setting.
+    if targets[0].config.bulk.is_some()
         && let Ok(bulk) = serde_json::from_slice::<BulkRequest>(&body)
     {
-        let deliveries = bulk.entries.into_iter().map(|entry| {
-            let (pipeline, handler) = (state.pipeline.clone(), handler.clone());
-            async move {
-                let bytes = match &entry.event {
-                    Value::String(text) => text.clone().into_bytes(),
-                    other => other.to_string().into_bytes(),
-                };
-                let outcome = pipeline.deliver(&handler, &bytes, entry.content_type.as_deref()).await;
-                json!({"entryId": entry.entry_id, "status": outcome.dapr_status()})
-            }
+        let entries = bulk.entries.into_iter().map(|entry| {
+            let bytes = match &entry.event {
+                Value::String(text) => text.clone().into_bytes(),
+                other => other.to_string().into_bytes(),
+            };
+            let (pipeline, targets) = (state.pipeline.clone(), targets.clone());
+            tokio::spawn(async move {
+                let status = deliver_to_all(&pipeline, &targets, bytes.into(), entry.content_type).await;
+                json!({"entryId": entry.entry_id, "status": status})
+            })
         });
-        let statuses: Vec<Value> = futures_join(deliveries).await;
+        let mut statuses = Vec::new();
+        for entry in entries.collect::<Vec<_>>() {
+            // A failed entry is left out: Dapr counts a missing entry as RETRY.
+            if let Ok(status) = entry.await {
+                statuses.push(status);
+            }
+        }
         return Json(json!({ "statuses": statuses })).into_response();
     }
-    let outcome = state.pipeline.deliver(&handler, &body, content_type).await;
-    status_reply(outcome.dapr_status())
+    status_reply(deliver_to_all(&state.pipeline, &targets, body, content_type).await)
+}
+
+/// Delivers one event to every target handler (concurrently; each dedupes on
+/// its own) and combines their answers: RETRY if any must see it again,
+/// DROP if every one dead-lettered it, else SUCCESS.
+async fn deliver_to_all(pipeline: &Arc<Pipeline>, targets: &[Arc<Handler>], body: Bytes, content_type: Option<String>) -> DaprStatus {
+    let runs: Vec<_> = targets
+        .iter()
+        .map(|handler| {
+            let (pipeline, handler, body, content_type) = (pipeline.clone(), handler.clone(), body.clone(), content_type.clone());
+            tokio::spawn(async move { pipeline.deliver(&handler, &body, content_type.as_deref()).await.dapr_status() })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(runs.len());
+    for run in runs {
+        statuses.push(run.await.unwrap_or(DaprStatus::Retry));
+    }
+    if statuses.contains(&DaprStatus::Retry) {
+        DaprStatus::Retry
+    } else if statuses.iter().all(|s| *s == DaprStatus::Drop) {
+        DaprStatus::Drop
+    } else {
+        DaprStatus::Success
+    }
 }
 
 fn status_reply(status: DaprStatus) -> Response {
     Json(json!({ "status": status })).into_response()
-}
-
-/// Runs the bulk entries concurrently (each is bounded by its tenant's
-/// concurrency gate) and keeps their order.
-async fn futures_join<F: std::future::Future<Output = Value> + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<Value> {
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut results = Vec::with_capacity(handles.len());
-    for handle in handles {
-        // A panicked entry is left out: Dapr counts a missing entry as RETRY.
-        if let Ok(value) = handle.await {
-            results.push(value);
-        }
-    }
-    results
 }

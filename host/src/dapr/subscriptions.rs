@@ -9,7 +9,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::registry::Registry;
+use crate::registry::{Registry, fan_out_route};
 
 /// One entry of Dapr's subscription list (field names are Dapr's).
 #[derive(Debug, Serialize, PartialEq)]
@@ -17,11 +17,27 @@ use crate::registry::Registry;
 pub struct Subscription {
     pub pubsubname: String,
     pub topic: String,
-    pub route: String,
+    pub routes: Routes,
     #[serde(skip_serializing_if = "Map::is_empty")]
     pub metadata: Map<String, Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bulk_subscribe: Option<BulkSubscribe>,
+}
+
+/// Dapr's routing: the first rule whose CEL `match` holds, else `default`.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Routes {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<Rule>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Rule {
+    #[serde(rename = "match")]
+    pub matches: String,
+    pub path: String,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -32,27 +48,47 @@ pub struct BulkSubscribe {
     pub max_await_duration_ms: u32,
 }
 
+/// One subscription per (pubsub, topic): Dapr delivers a topic to an app
+/// once. Handlers with a `match_type` become routing rules; the others share
+/// the default route (their own, or the host's fan-out route for several).
+/// The manifest check guarantees they agree on raw payload and bulk.
 pub fn subscriptions(registry: &Registry) -> Vec<Subscription> {
-    registry
-        .handlers
-        .iter()
-        .map(|handler| {
-            let config = &handler.config;
+    let mut subscriptions: Vec<_> = registry
+        .topics()
+        .map(|((pubsub, topic), group)| {
+            let first = &group[0].config;
             let mut metadata = Map::new();
-            if config.raw_payload {
+            if first.raw_payload {
                 metadata.insert("rawPayload".into(), "true".into());
             }
+            let rules = group
+                .iter()
+                .filter_map(|h| h.config.match_type.as_ref().map(|ty| Rule { matches: cel_type_equals(ty), path: h.route.clone() }))
+                .collect();
+            let defaults: Vec<_> = group.iter().filter(|h| h.config.match_type.is_none()).collect();
+            let default = match defaults.as_slice() {
+                [] => None,
+                [only] => Some(only.route.clone()),
+                _ => Some(fan_out_route(pubsub, topic)),
+            };
             Subscription {
-                pubsubname: config.pubsub.clone(),
-                topic: config.topic.clone(),
-                route: handler.route.clone(),
+                pubsubname: pubsub.clone(),
+                topic: topic.clone(),
+                routes: Routes { rules, default },
                 metadata,
-                bulk_subscribe: config.bulk.as_ref().map(|bulk| BulkSubscribe {
+                bulk_subscribe: first.bulk.as_ref().map(|bulk| BulkSubscribe {
                     enabled: true,
                     max_messages_count: bulk.max_messages,
                     max_await_duration_ms: bulk.max_await_ms,
                 }),
             }
         })
-        .collect()
+        .collect();
+    subscriptions.sort_by(|a, b| (&a.pubsubname, &a.topic).cmp(&(&b.pubsubname, &b.topic)));
+    subscriptions
+}
+
+/// A CEL expression comparing the event type with a string literal.
+fn cel_type_equals(ty: &str) -> String {
+    format!("event.type == {}", serde_json::to_string(ty).expect("a string serialises"))
 }
