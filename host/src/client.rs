@@ -59,3 +59,50 @@ pub async fn print_dead_letters(base_url: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+async fn admin_call(request: reqwest::RequestBuilder, url: &str) -> anyhow::Result<serde_json::Value> {
+    let response = request.send().await.with_context(|| format!("calling {url} (is `wasmsub run` listening there?)"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        let reason = body.get("error").and_then(|e| e.as_str()).unwrap_or("no reason given");
+        bail!("{url} answered {status}: {reason}");
+    }
+    Ok(body)
+}
+
+fn print_change(verb: &str, change: &serde_json::Value) {
+    let short = |v: &serde_json::Value| v.as_str().map(|s| s.chars().take(12).collect::<String>()).unwrap_or_default();
+    println!("{verb} {}/{}: {} -> {}", change["tenant"].as_str().unwrap_or(""), change["handler"].as_str().unwrap_or(""), short(&change["from"]), short(&change["to"]));
+}
+
+pub async fn deploy(base_url: &str, token: &str, tenant: &str, handler: &str, component: Vec<u8>) -> anyhow::Result<()> {
+    let url = format!("{}/admin/tenants/{tenant}/handlers/{handler}/component", base_url.trim_end_matches('/'));
+    // Compiling a large component takes a while: allow more than the default.
+    let request = reqwest::Client::builder().timeout(Duration::from_secs(300)).build()?.put(&url).bearer_auth(token).body(component);
+    print_change("deployed", &admin_call(request, &url).await?);
+    Ok(())
+}
+
+pub async fn rollback(base_url: &str, token: &str, tenant: &str, handler: &str) -> anyhow::Result<()> {
+    let url = format!("{}/admin/tenants/{tenant}/handlers/{handler}/rollback", base_url.trim_end_matches('/'));
+    print_change("rolled back", &admin_call(http()?.post(&url).bearer_auth(token), &url).await?);
+    Ok(())
+}
+
+pub async fn print_status(base_url: &str) -> anyhow::Result<()> {
+    let url = format!("{}/wasmsub/handlers", base_url.trim_end_matches('/'));
+    let body = admin_call(http()?.get(&url), &url).await?;
+    println!("{:<28} {:<14} {:<22} {:>9} {:>9} {:>8} {:>8} {:>8}", "tenant/handler", "version", "topic", "processed", "duplicate", "retried", "dead", "deferred");
+    for h in body["handlers"].as_array().into_iter().flatten() {
+        let counts = &h["counts"];
+        println!(
+            "{:<28} {:<14} {:<22} {:>9} {:>9} {:>8} {:>8} {:>8}",
+            format!("{}/{}", h["tenant"].as_str().unwrap_or(""), h["handler"].as_str().unwrap_or("")),
+            h["version"].as_str().unwrap_or("").chars().take(12).collect::<String>(),
+            h["topic"].as_str().unwrap_or(""),
+            counts["processed"], counts["duplicates"], counts["retries"], counts["dead_lettered"], counts["deferred"],
+        );
+    }
+    Ok(())
+}

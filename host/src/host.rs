@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Publisher;
 use crate::broker::embedded::{self, EmbeddedBroker};
 use crate::dapr::{DaprStore, Sidecar};
+use crate::deploy::Deployer;
 use crate::manifest::Manifest;
 use crate::pipeline::Pipeline;
 use crate::registry::Registry;
@@ -50,12 +51,14 @@ pub struct HostOptions {
     pub data_dir: PathBuf,
     pub engine: EngineConfig,
     pub backend: Backend,
+    /// The admin API's bearer token; `None` disables deploys over HTTP.
+    pub admin_token: Option<String>,
 }
 
 impl HostOptions {
     /// The embedded backend with default engine settings.
     pub fn embedded(data_dir: PathBuf) -> Self {
-        Self { data_dir, engine: EngineConfig::default(), backend: Backend::Embedded }
+        Self { data_dir, engine: EngineConfig::default(), backend: Backend::Embedded, admin_token: None }
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -69,6 +72,8 @@ pub struct Host {
     pub pipeline: Arc<Pipeline>,
     /// The in-process broker (embedded backend only).
     pub broker: Option<EmbeddedBroker>,
+    pub deployer: Deployer,
+    admin_token: Option<Arc<str>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -102,6 +107,9 @@ impl Host {
         let largest_memory = manifest.tenants.iter().map(|t| t.limits.memory_mib as usize * 1024 * 1024).max().unwrap_or(0);
         engine_config.max_memory_bytes = engine_config.max_memory_bytes.max(largest_memory);
         engine_config.consume_fuel |= manifest.tenants.iter().any(|t| t.limits.fuel.is_some());
+        if engine_config.cache_dir.is_none() {
+            engine_config.cache_dir = Some(options.data_dir.join("compiled"));
+        }
         check_concurrency_fits(manifest, &engine_config)?;
         let runtime = Runtime::new(&engine_config)?;
         // Compiling components is CPU work: keep it off the async threads.
@@ -110,6 +118,7 @@ impl Host {
             Arc::new(tokio::task::spawn_blocking(move || Registry::load(&manifest, &runtime)).await??)
         };
         let trigger = RelayTrigger::default();
+        let deployer = Deployer::new(registry.clone(), runtime.clone());
         let pipeline = Arc::new(Pipeline::new(store.clone(), runtime, trigger.clone(), manifest.idempotency.clone()));
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
@@ -126,11 +135,18 @@ impl Host {
         tasks.spawn(purge_expired(store, shutdown.clone()));
         // Entries a previous run committed but did not publish go out now.
         trigger.poke();
-        Ok(Self { registry, pipeline, broker, tasks, shutdown })
+        let admin_token = options.admin_token.as_deref().map(Arc::from);
+        Ok(Self { registry, pipeline, broker, deployer, admin_token, tasks, shutdown })
     }
 
     pub fn router(&self) -> axum::Router {
-        server::router(AppState { registry: self.registry.clone(), pipeline: self.pipeline.clone(), broker: self.broker.clone() })
+        server::router(AppState {
+            registry: self.registry.clone(),
+            pipeline: self.pipeline.clone(),
+            broker: self.broker.clone(),
+            deployer: self.deployer.clone(),
+            admin_token: self.admin_token.clone(),
+        })
     }
 
     /// Stops background work and waits (bounded) for deliveries in progress.

@@ -18,7 +18,8 @@
 //! Around it: [`manifest`] (the `wasmsub.toml` file), [`registry`] (tenants,
 //! handlers and their current versions), [`broker`] (the embedded pub/sub),
 //! [`dapr`] (the sidecar client, the Dapr state store and the app routes),
-//! [`server`] (HTTP routes), [`host`] (assembly), [`demo`] and [`bench`].
+//! [`deploy`] (hot swap and rollback), [`server`] (HTTP routes), [`host`]
+//! (assembly), [`demo`] and [`bench`].
 
 pub mod bench;
 pub mod broker;
@@ -28,6 +29,7 @@ pub mod dapr;
 pub mod dead_letter;
 pub mod dedupe;
 pub mod demo;
+pub mod deploy;
 pub mod effects;
 pub mod host;
 pub mod manifest;

@@ -29,6 +29,9 @@ Examples:
   wasmsub publish task-created '{\"id\":1,\"title\":\"write docs\"}'
   curl -X POST localhost:3500/v1.0/publish/pubsub/task-created -H 'content-type: application/json' -d '{\"id\":2,\"title\":\"ship\"}'
   wasmsub dead-letters
+  wasmsub deploy --tenant todo --handler task-created --token $TOKEN new.wasm   # hot swap
+  wasmsub rollback --tenant todo --handler task-created --token $TOKEN
+  wasmsub status
 
 Exit codes: 0 success, 1 failure (the message says what and where), 2 bad usage.
 Logs: RUST_LOG=debug (or wasmsub=debug) for more; WASMSUB_LOG_FORMAT=json for JSON lines.";
@@ -65,6 +68,24 @@ enum Command {
         #[arg(long, default_value = "application/json")]
         content_type: String,
         /// Base URL of the host or sidecar.
+        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
+        url: String,
+    },
+    /// Deploy a new version of a handler to a running host, without a
+    /// restart (the host must have an admin token).
+    Deploy {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The component file.
+        component: PathBuf,
+    },
+    /// Return a handler to its previous version.
+    Rollback {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Tenants, handlers, their versions and per-handler counts.
+    Status {
         #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
         url: String,
     },
@@ -105,6 +126,19 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+struct TargetArgs {
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    handler: String,
+    /// Base URL of the host's HTTP server.
+    #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
+    url: String,
+    #[arg(long, env = "WASMSUB_ADMIN_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(clap::Args)]
 struct DaprArgs {
     /// The sidecar's HTTP port: run as a Dapr app behind it.
     #[arg(long, env = "DAPR_HTTP_PORT")]
@@ -131,13 +165,18 @@ struct HostArgs {
     /// Instance pool size: the most events handled at once across tenants.
     #[arg(long, env = "WASMSUB_INSTANCE_SLOTS", default_value_t = EngineConfig::default().instance_slots)]
     instance_slots: u32,
+    /// Bearer token for the admin API's deploy and rollback; without one,
+    /// those endpoints are disabled.
+    #[arg(long, env = "WASMSUB_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 impl HostArgs {
     fn load(&self) -> anyhow::Result<(Manifest, HostOptions)> {
         let manifest = Manifest::load(&self.manifest)?;
         let engine = EngineConfig { instance_slots: self.instance_slots, ..EngineConfig::default() };
-        Ok((manifest, HostOptions { data_dir: self.data_dir.clone(), engine, backend: Backend::Embedded }))
+        let options = HostOptions { data_dir: self.data_dir.clone(), engine, backend: Backend::Embedded, admin_token: self.admin_token.clone() };
+        Ok((manifest, options))
     }
 }
 
@@ -187,6 +226,12 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             client::publish(&url, &pubsub, &topic, body, &content_type).await
         }
         Command::DeadLetters { url } => client::print_dead_letters(&url).await,
+        Command::Deploy { target, component } => {
+            let bytes = std::fs::read(&component).with_context(|| format!("reading {}", component.display()))?;
+            client::deploy(&target.url, &target.token, &target.tenant, &target.handler, bytes).await
+        }
+        Command::Rollback { target } => client::rollback(&target.url, &target.token, &target.tenant, &target.handler).await,
+        Command::Status { url } => client::print_status(&url).await,
         Command::Bench { component, events } => wasmsub::bench::run(&component, events, &mut std::io::stdout()).await,
         Command::BenchTenants { guests, events, tenants } => {
             let mut out = std::io::stdout();

@@ -35,6 +35,9 @@ pub const DEFAULT_MAX_LOG_BYTES: usize = 64 * 1024;
 /// Table elements an instance may have (function-pointer tables of Rust
 /// guests hold a few hundred to a few thousand).
 pub const DEFAULT_TABLE_ELEMENTS: u32 = 20_000;
+/// Largest component a tenant may deploy: Rust handlers are 50-500 KB, a
+/// Python or JavaScript one with its interpreter some tens of MB.
+pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
 /// The pub/sub component name Dapr's quick starts use.
 pub const DEFAULT_PUBSUB: &str = "pubsub";
 
@@ -102,6 +105,8 @@ pub struct TenantLimits {
     pub max_log_bytes: usize,
     /// Table elements per instance.
     pub table_elements: u32,
+    /// Largest component a deploy may upload for the tenant, in bytes.
+    pub max_component_bytes: usize,
     /// Optional fuel per attempt (wasm instructions, roughly): a
     /// deterministic bound, where `cpu_time` is a wall-clock one.
     pub fuel: Option<u64>,
@@ -149,6 +154,7 @@ impl Default for TenantLimits {
             publish_topics: Vec::new(),
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
             table_elements: DEFAULT_TABLE_ELEMENTS,
+            max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
             fuel: None,
         }
     }

@@ -51,19 +51,52 @@ pub struct Handler {
     pub route: String,
     pub dead_letter_topic: String,
     pub counts: HandlerCounts,
-    current: RwLock<Arc<HandlerComponent>>,
+    versions: RwLock<Versions>,
+}
+
+/// Versions kept for rollback, besides the current one.
+pub const ROLLBACK_DEPTH: usize = 8;
+
+/// The serving version and the ones before it (newest last).
+struct Versions {
+    current: Arc<HandlerComponent>,
+    previous: Vec<Arc<HandlerComponent>>,
 }
 
 impl Handler {
-    /// The version new events run on.
+    /// The version new events run on. Events hold the `Arc` they start with,
+    /// so a swap never changes the version under an event in flight.
     pub fn current(&self) -> Arc<HandlerComponent> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.versions.read().unwrap_or_else(|p| p.into_inner()).current.clone()
     }
 
-    /// Switches new events to `component`; returns the previous version.
+    /// Switches new events to `component` atomically; returns the version
+    /// it replaced. Deploying the serving version again changes nothing.
     pub fn swap(&self, component: Arc<HandlerComponent>) -> Arc<HandlerComponent> {
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        std::mem::replace(&mut current, component)
+        let mut versions = self.versions.write().unwrap_or_else(|p| p.into_inner());
+        if versions.current.version == component.version {
+            return versions.current.clone();
+        }
+        let old = std::mem::replace(&mut versions.current, component);
+        versions.previous.push(old.clone());
+        if versions.previous.len() > ROLLBACK_DEPTH {
+            versions.previous.remove(0);
+        }
+        old
+    }
+
+    /// Returns to the version before the current one; `(from, to)`, or
+    /// `None` when there is none to return to.
+    pub fn rollback(&self) -> Option<(Arc<HandlerComponent>, Arc<HandlerComponent>)> {
+        let mut versions = self.versions.write().unwrap_or_else(|p| p.into_inner());
+        let previous = versions.previous.pop()?;
+        let from = std::mem::replace(&mut versions.current, previous.clone());
+        Some((from, previous))
+    }
+
+    /// Versions that a rollback could return to, newest last.
+    pub fn previous_versions(&self) -> Vec<String> {
+        self.versions.read().unwrap_or_else(|p| p.into_inner()).previous.iter().map(|c| c.version.clone()).collect()
     }
 }
 
@@ -127,7 +160,7 @@ impl Registry {
                     dead_letter_topic: config.dead_letter_topic(),
                     config: config.clone(),
                     counts: HandlerCounts::default(),
-                    current: RwLock::new(component),
+                    versions: RwLock::new(Versions { current: component, previous: Vec::new() }),
                 }));
             }
         }

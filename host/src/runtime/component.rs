@@ -9,6 +9,7 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
 use super::bindings::{HANDLER_WORLD, HandlerPre};
+use super::cache::CompileCache;
 use super::host_state::AttemptState;
 
 /// A loaded, checked handler version.
@@ -37,15 +38,32 @@ pub enum LoadError {
     WrongWorld { path: PathBuf, reason: String },
 }
 
-pub fn load(engine: &Engine, linker: &Linker<AttemptState>, path: &Path) -> Result<HandlerComponent, LoadError> {
+pub fn load(engine: &Engine, linker: &Linker<AttemptState>, cache: Option<&CompileCache>, path: &Path) -> Result<HandlerComponent, LoadError> {
     let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
-    from_bytes(engine, linker, path, &bytes)
+    from_bytes(engine, linker, cache, path, &bytes)
 }
 
-pub fn from_bytes(engine: &Engine, linker: &Linker<AttemptState>, path: &Path, bytes: &[u8]) -> Result<HandlerComponent, LoadError> {
+/// Checks and prepares component bytes; `path` names them in errors. A
+/// cached compilation is used when there is a sound one.
+pub fn from_bytes(
+    engine: &Engine,
+    linker: &Linker<AttemptState>,
+    cache: Option<&CompileCache>,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<HandlerComponent, LoadError> {
     let version = hex::encode(Sha256::digest(bytes));
-    let component = Component::from_binary(engine, bytes)
-        .map_err(|e| LoadError::Invalid { path: path.to_owned(), reason: format!("{e:#}") })?;
+    let component = match cache.and_then(|cache| cache.load(engine, &version)) {
+        Some(component) => component,
+        None => {
+            let component = Component::from_binary(engine, bytes)
+                .map_err(|e| LoadError::Invalid { path: path.to_owned(), reason: format!("{e:#}") })?;
+            if let Some(cache) = cache {
+                cache.store(&version, &component);
+            }
+            component
+        }
+    };
     // Unsatisfied imports fail here, missing or mistyped exports in
     // `HandlerPre::new`: both mean "not a handler".
     let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld { path: path.to_owned(), reason: format!("{e:#}") };

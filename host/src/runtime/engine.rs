@@ -35,6 +35,9 @@ pub struct EngineConfig {
     /// instead of the whole resident prefix; off where unsupported. See
     /// docs/BENCHMARKS.md: resetting memory was most of a fresh instance's cost.
     pub pagemap_scan: bool,
+    /// Where compiled components are cached across restarts (`None`: no
+    /// cache). See `runtime/cache.rs`.
+    pub cache_dir: Option<std::path::PathBuf>,
     /// Count fuel (set when some tenant has a fuel limit: metering costs a
     /// few percent of guest speed, so it is off otherwise).
     pub consume_fuel: bool,
@@ -56,6 +59,7 @@ impl Default for EngineConfig {
             // A Rust guest's stack, data and first allocator pages.
             keep_resident_bytes: 2 * 1024 * 1024,
             pagemap_scan: true,
+            cache_dir: None,
             consume_fuel: false,
         }
     }

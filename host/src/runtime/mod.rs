@@ -7,6 +7,7 @@
 //! - [`invoke`]: one attempt, from fresh instance to verdict.
 
 pub mod bindings;
+pub mod cache;
 pub mod component;
 pub mod engine;
 pub mod host_state;
@@ -36,6 +37,7 @@ pub struct Runtime {
     /// instead of failing to instantiate.
     slots: Arc<tokio::sync::Semaphore>,
     linker: Arc<Linker<AttemptState>>,
+    cache: Option<cache::CompileCache>,
     _ticker: Arc<engine::EpochTicker>,
 }
 
@@ -49,17 +51,18 @@ impl Runtime {
             .context("linking the handler world's imports")?;
         let ticker = engine::EpochTicker::start(engine.clone())?;
         let slots = Arc::new(tokio::sync::Semaphore::new(config.instance_slots as usize));
-        Ok(Self { engine, slots, linker: Arc::new(linker), _ticker: Arc::new(ticker) })
+        let cache = config.cache_dir.as_deref().map(|dir| cache::CompileCache::new(dir, &engine));
+        Ok(Self { engine, slots, linker: Arc::new(linker), cache, _ticker: Arc::new(ticker) })
     }
 
     /// Loads and checks a component file (compiles it: call off the event path).
     pub fn load(&self, path: &Path) -> Result<HandlerComponent, LoadError> {
-        component::load(&self.engine, &self.linker, path)
+        component::load(&self.engine, &self.linker, self.cache.as_ref(), path)
     }
 
     /// Loads and checks component bytes; `origin` names them in errors.
     pub fn load_bytes(&self, origin: &Path, bytes: &[u8]) -> Result<HandlerComponent, LoadError> {
-        component::from_bytes(&self.engine, &self.linker, origin, bytes)
+        component::from_bytes(&self.engine, &self.linker, self.cache.as_ref(), origin, bytes)
     }
 
     /// Runs one attempt on a blocking thread (wasm calls block).

@@ -1,14 +1,25 @@
 //! Health and read-only views: `GET /healthz` (and Dapr's
-//! `/v1.0/healthz`), `GET /wasmsub/handlers`, `GET /wasmsub/dead-letters`.
+//! `/v1.0/healthz`), `GET /wasmsub/handlers`, `GET /wasmsub/dead-letters`;
+//! and the token-protected writes: `PUT
+//! /admin/tenants/{tenant}/handlers/{handler}/component` (deploy the body as
+//! the new version) and `POST .../rollback`.
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use subtle::ConstantTimeEq;
 use serde_json::{Value, json};
 
 use super::AppState;
 use crate::dead_letter::DeadLetter;
+use crate::deploy::DeployError;
+
+/// Largest upload the admin API reads; each tenant's own limit
+/// (`max_component_bytes`) is checked after.
+const MAX_UPLOAD_BYTES: usize = 256 * 1024 * 1024;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -32,6 +43,7 @@ async fn handlers(State(state): State<AppState>) -> Json<Value> {
                 "tenant": &*h.tenant.name,
                 "handler": &*h.name,
                 "version": h.current().version,
+                "previous_versions": h.previous_versions(),
                 "pubsub": h.config.pubsub,
                 "topic": h.config.topic,
                 "route": h.route,
@@ -45,4 +57,60 @@ async fn handlers(State(state): State<AppState>) -> Json<Value> {
 
 async fn dead_letters(State(state): State<AppState>) -> Json<Vec<DeadLetter>> {
     Json(state.pipeline.dead_letters.list())
+}
+
+pub fn write_routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/tenants/{tenant}/handlers/{handler}/component", put(deploy))
+        .route("/admin/tenants/{tenant}/handlers/{handler}/rollback", post(rollback))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
+}
+
+/// Checks `Authorization: Bearer <token>` in constant time.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = &state.admin_token else {
+        return Err(error(StatusCode::FORBIDDEN, "the admin API is disabled: start the host with --admin-token (or WASMSUB_ADMIN_TOKEN)"));
+    };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if bool::from(token.as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
+        _ => Err(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn deploy_error(failure: DeployError) -> Response {
+    let status = match failure {
+        DeployError::UnknownHandler { .. } => StatusCode::NOT_FOUND,
+        DeployError::NothingToRollBack { .. } => StatusCode::CONFLICT,
+        DeployError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        DeployError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        DeployError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    tracing::warn!(error = %failure, "deploy refused; the serving version is unchanged");
+    error(status, &failure.to_string())
+}
+
+async fn deploy(State(state): State<AppState>, Path((tenant, handler)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused;
+    }
+    let origin = std::path::PathBuf::from(format!("upload for {tenant}/{handler}"));
+    match state.deployer.deploy(&tenant, &handler, &origin, body.to_vec()).await {
+        Ok(change) => Json(change).into_response(),
+        Err(failure) => deploy_error(failure),
+    }
+}
+
+async fn rollback(State(state): State<AppState>, Path((tenant, handler)): Path<(String, String)>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused;
+    }
+    match state.deployer.rollback(&tenant, &handler) {
+        Ok(change) => Json(change).into_response(),
+        Err(failure) => deploy_error(failure),
+    }
 }

@@ -1,7 +1,8 @@
 //! The HTTP server: routes, and serving them until shutdown.
 //!
 //! - [`publish_api`]: Dapr's publish API shape, served by the embedded broker;
-//! - [`admin`]: health, handlers and recent dead letters;
+//! - [`admin`]: health, handlers and recent dead letters; deploy and
+//!   rollback (token-protected);
 //! - [`crate::dapr::app`]: the Dapr app routes (subscriptions, events).
 
 pub mod admin;
@@ -15,6 +16,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::broker::embedded::EmbeddedBroker;
+use crate::deploy::Deployer;
 use crate::pipeline::Pipeline;
 use crate::registry::Registry;
 
@@ -29,10 +31,13 @@ pub struct AppState {
     pub pipeline: Arc<Pipeline>,
     /// The in-process broker, when there is no sidecar.
     pub broker: Option<EmbeddedBroker>,
+    pub deployer: Deployer,
+    /// The bearer token of the admin API; `None` disables its writes.
+    pub admin_token: Option<Arc<str>>,
 }
 
 pub fn router(state: AppState) -> Router {
-    let router = Router::new().merge(admin::routes());
+    let router = Router::new().merge(admin::routes()).merge(admin::write_routes());
     // Dapr's publish API is served only by the embedded backend (with a
     // sidecar, publish to the sidecar); the app routes serve both, so the
     // embedded host also answers deliveries in Dapr's shape.

@@ -1,0 +1,144 @@
+//! Hot swap: new handler versions go live without a restart, a lost event or
+//! a double effect; invalid uploads change nothing; rollback; the compiled
+//! component cache.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wasmsub::Outcome;
+use wasmsub::deploy::DeployError;
+use wasmsub::runtime::{EngineConfig, Runtime};
+use wasmsub_tests::{HandlerSpec, TestHost, cloud_event, component_variant, guests, manifest_text};
+
+fn recorder_manifest() -> String {
+    manifest_text("", &[HandlerSpec::new("recorder", guests::RECORDER, "orders")])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_swaps_under_a_steady_stream_lose_nothing_and_double_nothing() {
+    let mut host = TestHost::start(&recorder_manifest()).await.unwrap();
+    let original = host.host.registry.find("acme", "recorder").unwrap().current().version.clone();
+    const EVENTS: usize = 400;
+    let publisher = {
+        let broker = host.host.broker.clone().unwrap();
+        tokio::spawn(async move {
+            for i in 0..EVENTS {
+                let event = cloud_event(&format!("e-{i}"), json!({"key": format!("e-{i}")})).to_string();
+                broker.publish_api("pubsub", "orders", event.into(), Some("application/cloudevents+json"), false).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let mut deployed = vec![original];
+    for n in 1..=20 {
+        let change = host.host.deployer.deploy("acme", "recorder", Path::new("test"), component_variant(guests::RECORDER, n)).await.unwrap();
+        assert_eq!(&change.from, deployed.last().unwrap());
+        deployed.push(change.to);
+        if n == 10 {
+            // An invalid upload in the middle: refused, the serving version stays.
+            let refused = host.host.deployer.deploy("acme", "recorder", Path::new("bad upload"), std::fs::read(guests::WRONG_WORLD).unwrap()).await;
+            assert!(matches!(refused, Err(DeployError::Invalid(_))), "{refused:?}");
+            assert_eq!(host.host.registry.find("acme", "recorder").unwrap().current().version, deployed[10]);
+        }
+        tokio::time::sleep(Duration::from_millis(35)).await;
+    }
+    publisher.await.unwrap();
+
+    let reports = host.settled(EVENTS).await;
+    let mut by_event: HashMap<&str, Vec<&wasmsub::EventReport>> = HashMap::new();
+    for report in &reports {
+        by_event.entry(report.event_id.as_str()).or_default().push(report);
+    }
+    assert_eq!(by_event.len(), EVENTS, "every event settled");
+    let mut versions_used = HashSet::new();
+    for (id, reports) in &by_event {
+        assert_eq!(reports.len(), 1, "{id} settled more than once");
+        assert_eq!(reports[0].outcome, Outcome::Processed { attempts: 1 }, "{id}");
+        assert!(deployed.contains(&reports[0].handler_version), "{id} ran on an unknown version");
+        versions_used.insert(reports[0].handler_version.clone());
+    }
+    assert!(versions_used.len() >= 5, "the swaps did not take effect under load: {} versions used", versions_used.len());
+    for i in 0..EVENTS {
+        assert_eq!(host.state(&format!("count:e-{i}")).await.as_deref(), Some("1"), "e-{i}");
+    }
+
+    // Rollback returns to the version before.
+    let change = host.host.deployer.rollback("acme", "recorder").unwrap();
+    assert_eq!((&change.from, &change.to), (&deployed[20], &deployed[19]));
+    host.publish("orders", &cloud_event("after-rollback", json!({}))).await.unwrap();
+    assert_eq!(host.next_settled().await.handler_version, deployed[19]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_deploys_and_rolls_back_with_a_token() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let manifest = wasmsub::Manifest::parse(&recorder_manifest(), Path::new("/")).unwrap();
+    let options = wasmsub::HostOptions { admin_token: Some("s3cret".into()), ..wasmsub::HostOptions::embedded(data_dir.path().to_owned()) };
+    let host = wasmsub::Host::start(&manifest, &options).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = host.router();
+    tokio::spawn(async move { wasmsub::server::serve(listener, router, std::future::pending()).await });
+    let http = reqwest::Client::new();
+    let component_url = format!("{base}/admin/tenants/acme/handlers/recorder/component");
+    let rollback_url = format!("{base}/admin/tenants/acme/handlers/recorder/rollback");
+
+    let no_token = http.put(&component_url).body(component_variant(guests::RECORDER, 1)).send().await.unwrap();
+    assert_eq!(no_token.status(), 401);
+    let deployed = http.put(&component_url).bearer_auth("s3cret").body(component_variant(guests::RECORDER, 1)).send().await.unwrap();
+    assert_eq!(deployed.status(), 200);
+    let change: Value = deployed.json().await.unwrap();
+    let wrong = http.put(&component_url).bearer_auth("s3cret").body(std::fs::read(guests::WRONG_WORLD).unwrap()).send().await.unwrap();
+    assert_eq!(wrong.status(), 422);
+    let reason: Value = wrong.json().await.unwrap();
+    assert!(reason["error"].as_str().unwrap().contains("does not target the world wasmsub:handler/handler@0.1.0"), "{reason}");
+    let status: Value = http.get(format!("{base}/wasmsub/handlers")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(status["handlers"][0]["version"], change["to"], "the refused upload changed nothing");
+    assert_eq!(status["handlers"][0]["previous_versions"], json!([change["from"]]));
+
+    let unknown = http.put(format!("{base}/admin/tenants/acme/handlers/nope/component")).bearer_auth("s3cret").body("x").send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let back = http.post(&rollback_url).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(back.status(), 200);
+    let nothing_left = http.post(&rollback_url).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(nothing_left.status(), 409);
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_compiled_component_cache_is_used_and_never_trusted_blindly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig { cache_dir: Some(dir.path().to_owned()), ..EngineConfig::default() };
+    let runtime = Runtime::new(&config).unwrap();
+    let version = runtime.load(Path::new(guests::ECHO)).unwrap().version;
+    let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "one cache entry written");
+    let entry = &entries[0];
+    assert!(entry.file_name().unwrap().to_str().unwrap().starts_with(&version));
+
+    // A second engine with the same settings loads it (same result).
+    let again = Runtime::new(&config).unwrap().load(Path::new(guests::ECHO)).unwrap();
+    assert_eq!(again.version, version);
+
+    // A corrupted entry is detected, ignored and rebuilt.
+    let good = std::fs::read(entry).unwrap();
+    std::fs::write(entry, &good[..good.len() / 2]).unwrap();
+    Runtime::new(&config).unwrap().load(Path::new(guests::ECHO)).unwrap();
+    assert_eq!(std::fs::read(entry).unwrap(), good, "rebuilt and rewritten");
+
+    // An entry whose checksum matches but whose artifact is not this
+    // engine's (here: garbage) is refused by wasmtime, then rebuilt.
+    let garbage = b"not a compiled component".to_vec();
+    let mut foreign = sha2_digest(&garbage);
+    foreign.extend_from_slice(&garbage);
+    std::fs::write(entry, foreign).unwrap();
+    Runtime::new(&config).unwrap().load(Path::new(guests::ECHO)).unwrap();
+    assert_eq!(std::fs::read(entry).unwrap(), good);
+}
+
+fn sha2_digest(bytes: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).to_vec()
+}
