@@ -240,9 +240,17 @@ fn ureq_get(url: &str) -> Result<u16, String> {
 /// A wasmsub host process behind `daprd`. `binary` is the test's
 /// `env!("CARGO_BIN_EXE_wasmsub-under-test")` (cargo gives it only to tests).
 pub fn start_host(binary: &str, name: &str, manifest: &Path, daprd: &Daprd, log_dir: &Path) -> Process {
+    start_host_with(binary, name, manifest, daprd, log_dir, &[])
+}
+
+/// As [`start_host`], with extra environment variables.
+pub fn start_host_with(binary: &str, name: &str, manifest: &Path, daprd: &Daprd, log_dir: &Path, env: &[(&str, &str)]) -> Process {
     let process = Process::spawn(
         name,
         Command::new(binary)
+            .envs(env.iter().copied())
+            // Compiled-component cache and embedded files stay in the test's scratch space.
+            .env("WASMSUB_DATA_DIR", log_dir.join(format!("{name}-data")))
             .args(["run", "--manifest", manifest.to_str().unwrap()])
             .env("DAPR_HTTP_PORT", daprd.http_port.to_string())
             .env("DAPR_GRPC_PORT", daprd.grpc_port.to_string())

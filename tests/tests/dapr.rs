@@ -357,3 +357,61 @@ async fn tenants_sharing_a_topic_each_get_it_and_rules_route_by_type() {
     assert_eq!(counts["processed"], 1, "the rule routed it to `cancellations`");
     assert_eq!(client.tenant_state("globex", "count:cancel-1").await, None, "a rule routes to one handler only");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_hot_swaps_through_daprd_process_every_event_once_by_one_version() {
+    let scratch = Scratch::new();
+    let redis = Redis::start(scratch.path());
+    let app_port = free_port();
+    let daprd = Daprd::start("daprd", "swaps", app_port, &scratch.components(&redis), scratch.path());
+    let manifest = scratch.manifest(&manifest("", &[("orders", guests::RECORDER, "orders", "")]));
+    let host = wasmsub_tests::dapr::start_host_with(HOST, "host", &manifest, &daprd, scratch.path(), &[("WASMSUB_ADMIN_TOKEN", "t0ken")]);
+    let client = DaprClient::new(&daprd);
+    wait_until_subscribed(&client, "orders").await;
+
+    const EVENTS: usize = 300;
+    let publisher = {
+        let client = DaprClient::new(&daprd);
+        tokio::spawn(async move {
+            for i in 0..EVENTS {
+                client.publish("orders", &cloud_event(&format!("s-{i}"), json!({"key": format!("s-{i}")}))).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{app_port}/admin/tenants/acme/handlers/orders/component");
+    let mut versions = Vec::new();
+    for n in 1..=20 {
+        let response = http.put(&url).bearer_auth("t0ken").body(wasmsub_tests::component_variant(guests::RECORDER, n)).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        versions.push(response.json::<Value>().await.unwrap()["to"].as_str().unwrap().to_owned());
+        if n == 10 {
+            let refused = http.put(&url).bearer_auth("t0ken").body(b"garbage".to_vec()).send().await.unwrap();
+            assert_eq!(refused.status(), 422, "an invalid upload is refused");
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    publisher.await.unwrap();
+    let keys: Vec<String> = (0..EVENTS).map(|i| format!("count:s-{i}")).collect();
+    assert_each_counted_once(&daprd, &keys, Duration::from_secs(60)).await;
+
+    // Each event was processed by exactly one version (the host's decision
+    // lines name it), and the swaps took effect while events flowed.
+    let log = std::fs::read_to_string(&host.log).unwrap();
+    let mut used = std::collections::HashSet::new();
+    for i in 0..EVENTS {
+        let id = format!("messaging.message.id=s-{i} ");
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(&id) && l.contains("event processed")).collect();
+        assert_eq!(lines.len(), 1, "s-{i} processed {} times", lines.len());
+        let version = lines[0].split("handler.version=").nth(1).unwrap().split(['}', ' ', '\u{1b}']).next().unwrap().to_owned();
+        used.insert(version);
+    }
+    assert!(used.len() >= 5, "only {} versions handled events", used.len());
+    for version in &used {
+        assert!(version.len() == 12, "{version}");
+    }
+    let rollback = http.post(format!("http://127.0.0.1:{app_port}/admin/tenants/acme/handlers/orders/rollback")).bearer_auth("t0ken").send().await.unwrap();
+    assert_eq!(rollback.status(), 200);
+    assert_eq!(rollback.json::<Value>().await.unwrap()["to"], versions[18].as_str());
+}
