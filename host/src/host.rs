@@ -19,6 +19,7 @@ use crate::broker::Publisher;
 use crate::broker::embedded::{self, EmbeddedBroker};
 use crate::dapr::{DaprStore, Sidecar};
 use crate::deploy::Deployer;
+use crate::watch;
 use crate::manifest::Manifest;
 use crate::pipeline::Pipeline;
 use crate::registry::Registry;
@@ -53,12 +54,14 @@ pub struct HostOptions {
     pub backend: Backend,
     /// The admin API's bearer token; `None` disables deploys over HTTP.
     pub admin_token: Option<String>,
+    /// Deploy a handler's component file when it changes on disk.
+    pub watch: bool,
 }
 
 impl HostOptions {
     /// The embedded backend with default engine settings.
     pub fn embedded(data_dir: PathBuf) -> Self {
-        Self { data_dir, engine: EngineConfig::default(), backend: Backend::Embedded, admin_token: None }
+        Self { data_dir, engine: EngineConfig::default(), backend: Backend::Embedded, admin_token: None, watch: false }
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -133,6 +136,14 @@ impl Host {
         pipeline.set_publisher(publisher.clone());
         tasks.spawn(relay::run(store.clone(), publisher, trigger.clone(), shutdown.clone()));
         tasks.spawn(purge_expired(store, shutdown.clone()));
+        if options.watch {
+            let (registry, deployer, shutdown) = (registry.clone(), deployer.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(error) = watch::run(registry, deployer, shutdown).await {
+                    tracing::error!(error = %format!("{error:#}"), "component file watcher stopped; deploy through the admin API");
+                }
+            });
+        }
         // Entries a previous run committed but did not publish go out now.
         trigger.poke();
         let admin_token = options.admin_token.as_deref().map(Arc::from);

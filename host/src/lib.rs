@@ -18,7 +18,7 @@
 //! Around it: [`manifest`] (the `wasmsub.toml` file), [`registry`] (tenants,
 //! handlers and their current versions), [`broker`] (the embedded pub/sub),
 //! [`dapr`] (the sidecar client, the Dapr state store and the app routes),
-//! [`deploy`] (hot swap and rollback), [`server`] (HTTP routes), [`host`]
+//! [`deploy`] (hot swap and rollback), [`watch`] (deploy on file change), [`server`] (HTTP routes), [`host`]
 //! (assembly), [`demo`] and [`bench`].
 
 pub mod bench;
@@ -42,6 +42,7 @@ pub mod retry;
 pub mod runtime;
 pub mod server;
 pub mod store;
+pub mod watch;
 
 pub use host::{Backend, Host, HostOptions};
 pub use manifest::Manifest;

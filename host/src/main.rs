@@ -169,13 +169,23 @@ struct HostArgs {
     /// those endpoints are disabled.
     #[arg(long, env = "WASMSUB_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Deploy a handler's component file as its new version when the file
+    /// changes (hot swap by copying a file).
+    #[arg(long, env = "WASMSUB_WATCH")]
+    watch: bool,
 }
 
 impl HostArgs {
     fn load(&self) -> anyhow::Result<(Manifest, HostOptions)> {
         let manifest = Manifest::load(&self.manifest)?;
         let engine = EngineConfig { instance_slots: self.instance_slots, ..EngineConfig::default() };
-        let options = HostOptions { data_dir: self.data_dir.clone(), engine, backend: Backend::Embedded, admin_token: self.admin_token.clone() };
+        let options = HostOptions {
+            data_dir: self.data_dir.clone(),
+            engine,
+            backend: Backend::Embedded,
+            admin_token: self.admin_token.clone(),
+            watch: self.watch,
+        };
         Ok((manifest, options))
     }
 }

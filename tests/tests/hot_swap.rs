@@ -142,3 +142,53 @@ fn sha2_digest(bytes: &[u8]) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).to_vec()
 }
+
+async fn wait_for_version(host: &wasmsub::Host, version: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while host.registry.find("acme", "recorder").unwrap().current().version != version {
+        assert!(tokio::time::Instant::now() < deadline, "version {version} never went live");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn version_of(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex_string(&sha2::Sha256::digest(bytes))
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_component_file_goes_live_when_replaced_and_bad_writes_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("recorder.wasm");
+    std::fs::copy(guests::RECORDER, &file).unwrap();
+    let manifest = wasmsub::Manifest::parse(&manifest_text("", &[HandlerSpec::new("recorder", file.to_str().unwrap(), "orders")]), Path::new("/")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let options = wasmsub::HostOptions { watch: true, ..wasmsub::HostOptions::embedded(data.path().to_owned()) };
+    let host = wasmsub::Host::start(&manifest, &options).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // the watcher is up
+
+    // The atomic way: write elsewhere, rename over the file.
+    let v1 = component_variant(guests::RECORDER, 1);
+    let staged = dir.path().join(".recorder.wasm.tmp");
+    std::fs::write(&staged, &v1).unwrap();
+    std::fs::rename(&staged, &file).unwrap();
+    wait_for_version(&host, &version_of(&v1)).await;
+
+    // Garbage written in place is refused; the serving version stays.
+    std::fs::write(&file, b"definitely not a component").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(host.registry.find("acme", "recorder").unwrap().current().version, version_of(&v1));
+
+    // A slow, non-atomic writer: half now, the rest later. The half may be
+    // looked at and refused; the completed file goes live.
+    let v2 = component_variant(guests::RECORDER, 2);
+    std::fs::write(&file, &v2[..v2.len() / 2]).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    std::fs::write(&file, &v2).unwrap();
+    wait_for_version(&host, &version_of(&v2)).await;
+    host.shutdown().await;
+}
