@@ -116,6 +116,15 @@ enum Command {
         #[arg(long, default_value_t = 1_000)]
         tenants: usize,
     },
+    /// Measure hot swapping: cold start with and without the compile cache,
+    /// deploy-to-first-event, throughput while swapping.
+    BenchSwap {
+        #[arg(long, default_value = "target/guests")]
+        guests: PathBuf,
+        /// Handlers for the cold-start rows.
+        #[arg(long, default_value_t = 100)]
+        handlers: usize,
+    },
     /// Run the todo demo in-process: sample events, a duplicate, a flaky and a
     /// poison one, and what happened to each.
     Demo {
@@ -248,6 +257,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             wasmsub::bench::tenants::noisy_neighbour(&guests, events, &mut out).await?;
             wasmsub::bench::tenants::many_tenants(&guests, tenants, &mut out).await
         }
+        Command::BenchSwap { guests, handlers } => wasmsub::bench::swap::run(&guests, handlers, &mut std::io::stdout()).await,
         Command::Demo { manifest } => demo::run(&manifest, &mut std::io::stdout()).await,
     }
 }

@@ -14,6 +14,7 @@
 //! [`tenants`] measures isolation between tenants: a quiet tenant's latency
 //! beside a hostile one, and the memory of a host with many tenants.
 
+pub mod swap;
 pub mod tenants;
 
 use std::io::Write;

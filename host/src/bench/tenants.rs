@@ -115,16 +115,7 @@ pub async fn many_tenants(guests: &Path, tenants: usize, out: &mut impl Write) -
     let guests = &guests.canonicalize().with_context(|| format!("finding the guests in {}", guests.display()))?;
     let dir = tempfile::tempdir()?;
     let echo = std::fs::read(guests.join("echo.wasm"))?;
-    let mut text = String::new();
-    for n in 0..tenants {
-        let path = dir.path().join(format!("echo-{n}.wasm"));
-        std::fs::write(&path, with_custom_section(&echo, &format!("tenant-{n}")))?;
-        text.push_str(&format!(
-            "[[tenant]]\nname = \"t{n}\"\n[[tenant.handler]]\nname = \"echo\"\ncomponent = {:?}\ntopic = \"t{n}\"\n",
-            path.display().to_string()
-        ));
-    }
-    let manifest = Manifest::parse(&text, Path::new("/"))?;
+    let manifest = Manifest::parse(&write_variants(&echo, dir.path(), tenants)?, Path::new("/"))?;
     let before = resident_bytes();
     let started = Instant::now();
     let host = Host::start_with_store(&manifest, &HostOptions::embedded(dir.path().to_owned()), Arc::new(MemoryStore::default())).await?;
@@ -138,8 +129,23 @@ pub async fn many_tenants(guests: &Path, tenants: usize, out: &mut impl Write) -
     Ok(())
 }
 
+/// Writes `count` distinct variants of `component` into `dir`; returns a
+/// manifest with one tenant per variant.
+pub(super) fn write_variants(component: &[u8], dir: &Path, count: usize) -> anyhow::Result<String> {
+    let mut text = String::new();
+    for n in 0..count {
+        let path = dir.join(format!("variant-{n}.wasm"));
+        std::fs::write(&path, with_custom_section(component, &format!("tenant-{n}")))?;
+        text.push_str(&format!(
+            "[[tenant]]\nname = \"t{n}\"\n[[tenant.handler]]\nname = \"echo\"\ncomponent = {:?}\ntopic = \"t{n}\"\n",
+            path.display().to_string()
+        ));
+    }
+    Ok(text)
+}
+
 /// Appends a custom section (id 0) to a component: same code, new bytes.
-fn with_custom_section(component: &[u8], name: &str) -> Vec<u8> {
+pub(super) fn with_custom_section(component: &[u8], name: &str) -> Vec<u8> {
     let mut payload = Vec::new();
     leb128(&mut payload, name.len() as u64);
     payload.extend_from_slice(name.as_bytes());
