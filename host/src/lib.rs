@@ -18,8 +18,9 @@
 //! Around it: [`manifest`] (the `wasmsub.toml` file), [`registry`] (tenants,
 //! handlers and their current versions), [`broker`] (the embedded pub/sub),
 //! [`dapr`] (the sidecar client, the Dapr state store and the app routes),
-//! [`deploy`] (hot swap and rollback), [`watch`] (deploy on file change), [`server`] (HTTP routes), [`host`]
-//! (assembly), [`demo`] and [`bench`].
+//! [`deploy`] (hot swap and rollback), [`watch`] (deploy on file change),
+//! [`server`] (HTTP routes), [`host`] (assembly), [`client`] (the CLI's HTTP
+//! calls), [`demo`] and [`bench`].
 
 pub mod bench;
 pub mod broker;

@@ -67,14 +67,14 @@ pub fn write_routes() -> Router<AppState> {
 }
 
 /// Checks `Authorization: Bearer <token>` in constant time.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
     let Some(expected) = &state.admin_token else {
-        return Err(error(StatusCode::FORBIDDEN, "the admin API is disabled: start the host with --admin-token (or WASMSUB_ADMIN_TOKEN)"));
+        return Err((StatusCode::FORBIDDEN, "the admin API is disabled: start the host with --admin-token (or WASMSUB_ADMIN_TOKEN)"));
     };
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(token) if bool::from(token.as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
-        _ => Err(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")),
+        _ => Err((StatusCode::UNAUTHORIZED, "missing or wrong bearer token")),
     }
 }
 
@@ -95,8 +95,8 @@ fn deploy_error(failure: DeployError) -> Response {
 }
 
 async fn deploy(State(state): State<AppState>, Path((tenant, handler)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused;
+    if let Err((status, why)) = authorize(&state, &headers) {
+        return error(status, why);
     }
     let origin = std::path::PathBuf::from(format!("upload for {tenant}/{handler}"));
     match state.deployer.deploy(&tenant, &handler, &origin, body.to_vec()).await {
@@ -106,8 +106,8 @@ async fn deploy(State(state): State<AppState>, Path((tenant, handler)): Path<(St
 }
 
 async fn rollback(State(state): State<AppState>, Path((tenant, handler)): Path<(String, String)>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused;
+    if let Err((status, why)) = authorize(&state, &headers) {
+        return error(status, why);
     }
     match state.deployer.rollback(&tenant, &handler) {
         Ok(change) => Json(change).into_response(),

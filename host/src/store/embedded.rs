@@ -140,12 +140,11 @@ impl DeliveryStore for EmbeddedStore {
                     };
                 }
                 let mut table = txn.open_table(OUTBOX).map_err(unavailable)?;
-                let mut next = table.last().map_err(unavailable)?.map_or(0, |(id, _)| id.value() + 1);
+                let first = table.last().map_err(unavailable)?.map_or(0, |(id, _)| id.value() + 1);
                 let mut ids = Vec::with_capacity(outbox.len());
-                for entry in &outbox {
-                    table.insert(next, entry.as_slice()).map_err(unavailable)?;
-                    ids.push(next);
-                    next += 1;
+                for (id, entry) in (first..).zip(&outbox) {
+                    table.insert(id, entry.as_slice()).map_err(unavailable)?;
+                    ids.push(id);
                 }
                 ids
             };
