@@ -7,7 +7,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::registry::{Handler, Registry};
+use crate::manifest::HandlerConfig;
+use crate::registry::{AddError, Handler, Registry};
 use crate::runtime::{LoadError, Runtime};
 
 /// Why a deploy or rollback was refused; the serving version is unchanged.
@@ -23,6 +24,8 @@ pub enum DeployError {
     NothingToRollBack { tenant: String, handler: String },
     #[error("compiling failed: {0}")]
     Internal(String),
+    #[error("cannot create the handler: {0}")]
+    NewHandler(String),
 }
 
 /// What a deploy or rollback did.
@@ -34,21 +37,67 @@ pub struct VersionChange {
     pub to: String,
 }
 
+/// Where a handler created at runtime takes its events from.
+#[derive(Debug, Clone)]
+pub struct NewHandler {
+    pub pubsub: String,
+    pub topic: String,
+}
+
+/// Called when a handler created at runtime needs a topic delivered (the
+/// Dapr backend opens a streaming subscription; the embedded broker routes
+/// by the registry and needs nothing).
+pub type TopicHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct Deployer {
     registry: Arc<Registry>,
     runtime: Runtime,
+    on_new_topic: Option<TopicHook>,
 }
 
 impl Deployer {
     pub fn new(registry: Arc<Registry>, runtime: Runtime) -> Self {
-        Self { registry, runtime }
+        Self { registry, runtime, on_new_topic: None }
+    }
+
+    pub fn with_topic_hook(mut self, hook: TopicHook) -> Self {
+        self.on_new_topic = Some(hook);
+        self
+    }
+
+    /// Creates a handler that the manifest does not name, for a topic the
+    /// host may not be subscribed to yet, with the tenant's limits and the
+    /// default retry policy. Its events start arriving without a restart.
+    pub async fn deploy_new(&self, tenant: &str, handler: &str, placement: NewHandler, origin: &Path, bytes: Vec<u8>) -> Result<VersionChange, DeployError> {
+        if self.registry.find(tenant, handler).is_some() {
+            return self.deploy(tenant, handler, origin, bytes).await;
+        }
+        let config: HandlerConfig = toml::from_str(&format!(
+            "name = {:?}\ncomponent = {:?}\npubsub = {:?}\ntopic = {:?}\n",
+            handler, origin.display().to_string(), placement.pubsub, placement.topic
+        ))
+        .map_err(|e| DeployError::NewHandler(e.to_string()))?;
+        crate::manifest::validate_runtime_handler(&config).map_err(|e| DeployError::NewHandler(format!("{e:#}")))?;
+        let (runtime, origin_owned) = (self.runtime.clone(), origin.to_owned());
+        let component = tokio::task::spawn_blocking(move || runtime.load_bytes(&origin_owned, &bytes))
+            .await
+            .map_err(|e| DeployError::Internal(e.to_string()))??;
+        let version = component.version.clone();
+        self.registry.add(tenant, config, Arc::new(component)).map_err(|e| match e {
+            AddError::UnknownTenant(_) => DeployError::UnknownHandler { tenant: tenant.into(), handler: handler.into() },
+            AddError::Invalid(why) => DeployError::NewHandler(why),
+        })?;
+        if let Some(hook) = &self.on_new_topic {
+            hook(&placement.pubsub, &placement.topic);
+        }
+        tracing::info!(tenant, handler, version = &version[..12], topic = %placement.topic, "new handler deployed");
+        Ok(VersionChange { tenant: tenant.into(), handler: handler.into(), from: String::new(), to: version })
     }
 
     fn handler(&self, tenant: &str, handler: &str) -> Result<Arc<Handler>, DeployError> {
         self.registry
             .find(tenant, handler)
-            .cloned()
             .ok_or_else(|| DeployError::UnknownHandler { tenant: tenant.into(), handler: handler.into() })
     }
 

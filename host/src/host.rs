@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::Publisher;
 use crate::broker::embedded::{self, EmbeddedBroker};
+use crate::dapr::streaming::StreamingSubscriptions;
 use crate::dapr::{DaprStore, Sidecar};
 use crate::deploy::Deployer;
 use crate::watch;
@@ -42,7 +43,14 @@ pub enum Backend {
     Embedded,
     /// A Dapr sidecar: events arrive on the app routes; records live in
     /// the Dapr state store `state_store`.
-    Dapr { sidecar_url: String, state_store: String },
+    Dapr {
+        sidecar_url: String,
+        state_store: String,
+        /// The sidecar's gRPC address, for streaming subscriptions to topics
+        /// handlers added at runtime need; without it such topics are not
+        /// delivered until a restart.
+        grpc_url: Option<String>,
+    },
 }
 
 /// How the host runs.
@@ -90,11 +98,22 @@ impl Host {
                 let store = Arc::new(EmbeddedStore::open(&options.store_path())?);
                 Self::start_with_store(manifest, options, store).await
             }
-            Backend::Dapr { sidecar_url, state_store } => {
+            Backend::Dapr { sidecar_url, state_store, grpc_url } => {
                 let sidecar = Sidecar::new(sidecar_url)?;
                 wait_for_sidecar(&sidecar).await?;
                 let store = Arc::new(DaprStore::new(sidecar.clone(), state_store));
-                Self::assemble(manifest, options, store, Some(Arc::new(sidecar))).await
+                let mut host = Self::assemble(manifest, options, store, Some(Arc::new(sidecar))).await?;
+                if let Some(grpc_url) = grpc_url {
+                    let streams = StreamingSubscriptions::new(
+                        grpc_url.clone(),
+                        host.registry.clone(),
+                        host.pipeline.clone(),
+                        host.tasks.clone(),
+                        host.shutdown.clone(),
+                    );
+                    host.deployer = host.deployer.with_topic_hook(Arc::new(move |pubsub: &str, topic: &str| streams.ensure(pubsub, topic)));
+                }
+                Ok(host)
             }
         }
     }
@@ -206,7 +225,7 @@ async fn wait_for_sidecar(sidecar: &Sidecar) -> anyhow::Result<()> {
 pub fn check(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<()> {
     let runtime = Runtime::new(&options.engine)?;
     let registry = Registry::load(manifest, &runtime)?;
-    for handler in &registry.handlers {
+    for handler in &registry.handlers() {
         tracing::info!(tenant = %handler.tenant.name, handler = %handler.name, version = %handler.current().version, "ok");
     }
     Ok(())

@@ -152,8 +152,9 @@ struct DaprArgs {
     /// The sidecar's HTTP port: run as a Dapr app behind it.
     #[arg(long, env = "DAPR_HTTP_PORT")]
     dapr_http_port: Option<u16>,
-    /// The sidecar's gRPC port (accepted for `dapr run`; the host talks HTTP).
-    #[arg(long, env = "DAPR_GRPC_PORT", hide = true)]
+    /// The sidecar's gRPC port, for streaming subscriptions to topics that
+    /// handlers deployed at runtime need.
+    #[arg(long, env = "DAPR_GRPC_PORT")]
     dapr_grpc_port: Option<u16>,
     /// The port Dapr delivers events to (`--app-port` of daprd).
     #[arg(long, env = "APP_PORT", default_value_t = 3000)]
@@ -224,7 +225,11 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let (manifest, mut options) = host.load()?;
             let listen = match dapr.dapr_http_port {
                 Some(port) => {
-                    options.backend = Backend::Dapr { sidecar_url: format!("http://127.0.0.1:{port}"), state_store: dapr.state_store };
+                    options.backend = Backend::Dapr {
+                        sidecar_url: format!("http://127.0.0.1:{port}"),
+                        state_store: dapr.state_store,
+                        grpc_url: dapr.dapr_grpc_port.map(|grpc| format!("http://127.0.0.1:{grpc}")),
+                    };
                     listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], dapr.app_port)))
                 }
                 None => listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3500))),

@@ -341,6 +341,12 @@ fn validate_limits(limits: &TenantLimits) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The checks a handler created at runtime (not in the manifest) passes.
+pub fn validate_runtime_handler(handler: &HandlerConfig) -> anyhow::Result<()> {
+    check_name("handler name", &handler.name)?;
+    validate_handler(handler)
+}
+
 fn validate_handler(handler: &HandlerConfig) -> anyhow::Result<()> {
     if handler.component.as_os_str().is_empty() {
         bail!("component path is empty");

@@ -110,60 +110,23 @@ pub enum RouteTarget {
     FanOut(Vec<Arc<Handler>>),
 }
 
-/// Every handler, indexed the ways deliveries arrive.
+/// Every handler, indexed the ways deliveries arrive. Handlers can be added
+/// while the host runs (a deploy for a new handler); the indexes are
+/// rebuilt then, behind a lock held only to clone what a delivery needs.
 pub struct Registry {
-    pub handlers: Vec<Arc<Handler>>,
+    tenants: HashMap<String, Arc<Tenant>>,
+    indexes: RwLock<Indexes>,
+}
+
+#[derive(Default)]
+struct Indexes {
+    handlers: Vec<Arc<Handler>>,
     by_topic: HashMap<(String, String), Vec<Arc<Handler>>>,
     by_route: HashMap<String, RouteTarget>,
 }
 
-/// The route Dapr delivers a topic's unmatched events to when more than one
-/// handler takes them.
-pub fn fan_out_route(pubsub: &str, topic: &str) -> String {
-    format!("/topics/{pubsub}/{topic}")
-}
-
-impl Registry {
-    /// Loads every handler's component; the first that fails stops start-up
-    /// with an error naming the tenant, handler and file.
-    pub fn load(manifest: &Manifest, runtime: &Runtime) -> anyhow::Result<Self> {
-        let mut handlers = Vec::new();
-        let mut compiled: HashMap<std::path::PathBuf, Arc<HandlerComponent>> = HashMap::new();
-        for tenant_config in &manifest.tenants {
-            let tenant = Arc::new(Tenant {
-                name: tenant_config.name.as_str().into(),
-                namespace: tenant_config.state_namespace().into(),
-                limits: tenant_config.limits.clone(),
-                publish_topics: tenant_config.limits.publish_topics.clone().into(),
-                capabilities: Arc::new(tenant_config.capabilities.clone()),
-                concurrency: Arc::new(Semaphore::new(tenant_config.limits.max_concurrency as usize)),
-            });
-            for config in &tenant_config.handlers {
-                // Handlers naming the same file share one compiled version.
-                let component = match compiled.get(&config.component) {
-                    Some(component) => Arc::clone(component),
-                    None => {
-                        let component = runtime
-                            .load(&config.component)
-                            .with_context(|| format!("loading tenant `{}` handler `{}`", tenant.name, config.name))?;
-                        let component = Arc::new(component);
-                        compiled.insert(config.component.clone(), Arc::clone(&component));
-                        component
-                    }
-                };
-                tracing::info!(tenant = %tenant.name, handler = %config.name, handler.version = component.short_version(),
-                    topic = %config.topic, "handler loaded");
-                handlers.push(Arc::new(Handler {
-                    tenant: tenant.clone(),
-                    name: config.name.as_str().into(),
-                    route: config.route(&tenant.name),
-                    dead_letter_topic: config.dead_letter_topic(),
-                    config: config.clone(),
-                    counts: HandlerCounts::default(),
-                    versions: RwLock::new(Versions { current: component, previous: Vec::new() }),
-                }));
-            }
-        }
+impl Indexes {
+    fn build(handlers: Vec<Arc<Handler>>) -> Self {
         let mut by_topic: HashMap<_, Vec<_>> = HashMap::new();
         let mut by_route = HashMap::new();
         for handler in &handlers {
@@ -179,12 +142,110 @@ impl Registry {
                 by_route.insert(fan_out_route(pubsub, topic), RouteTarget::FanOut(defaults));
             }
         }
-        Ok(Self { handlers, by_topic, by_route })
+        Self { handlers, by_topic, by_route }
+    }
+}
+
+/// A topic of a pub/sub component: `(pubsub, topic)`.
+pub type TopicKey = (String, String);
+
+/// Why a handler could not be added at runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error("no tenant `{0}` (tenants come from the manifest)")]
+    UnknownTenant(String),
+    #[error("invalid handler: {0}")]
+    Invalid(String),
+}
+
+/// The route Dapr delivers a topic's unmatched events to when more than one
+/// handler takes them.
+pub fn fan_out_route(pubsub: &str, topic: &str) -> String {
+    format!("/topics/{pubsub}/{topic}")
+}
+
+fn new_handler(tenant: &Arc<Tenant>, config: &HandlerConfig, component: Arc<HandlerComponent>) -> Arc<Handler> {
+    Arc::new(Handler {
+        tenant: tenant.clone(),
+        name: config.name.as_str().into(),
+        route: config.route(&tenant.name),
+        dead_letter_topic: config.dead_letter_topic(),
+        config: config.clone(),
+        counts: HandlerCounts::default(),
+        versions: RwLock::new(Versions { current: component, previous: Vec::new() }),
+    })
+}
+
+impl Registry {
+    /// Loads every handler's component; the first that fails stops start-up
+    /// with an error naming the tenant, handler and file.
+    pub fn load(manifest: &Manifest, runtime: &Runtime) -> anyhow::Result<Self> {
+        let mut handlers = Vec::new();
+        let mut tenants = HashMap::new();
+        let mut compiled: HashMap<std::path::PathBuf, Arc<HandlerComponent>> = HashMap::new();
+        for tenant_config in &manifest.tenants {
+            let tenant = Arc::new(Tenant {
+                name: tenant_config.name.as_str().into(),
+                namespace: tenant_config.state_namespace().into(),
+                limits: tenant_config.limits.clone(),
+                publish_topics: tenant_config.limits.publish_topics.clone().into(),
+                capabilities: Arc::new(tenant_config.capabilities.clone()),
+                concurrency: Arc::new(Semaphore::new(tenant_config.limits.max_concurrency as usize)),
+            });
+            tenants.insert(tenant_config.name.clone(), tenant.clone());
+            for config in &tenant_config.handlers {
+                // Handlers naming the same file share one compiled version.
+                let component = match compiled.get(&config.component) {
+                    Some(component) => Arc::clone(component),
+                    None => {
+                        let component = runtime
+                            .load(&config.component)
+                            .with_context(|| format!("loading tenant `{}` handler `{}`", tenant.name, config.name))?;
+                        let component = Arc::new(component);
+                        compiled.insert(config.component.clone(), Arc::clone(&component));
+                        component
+                    }
+                };
+                tracing::info!(tenant = %tenant.name, handler = %config.name, handler.version = component.short_version(),
+                    topic = %config.topic, "handler loaded");
+                handlers.push(new_handler(&tenant, config, component));
+            }
+        }
+        Ok(Self { tenants, indexes: RwLock::new(Indexes::build(handlers)) })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Indexes> {
+        self.indexes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a handler while the host runs; deliveries to its topic reach it
+    /// from now on. The caller has compiled and checked `component`.
+    pub fn add(&self, tenant: &str, config: HandlerConfig, component: Arc<HandlerComponent>) -> Result<Arc<Handler>, AddError> {
+        let owner = self.tenants.get(tenant).ok_or_else(|| AddError::UnknownTenant(tenant.to_owned()))?;
+        let mut indexes = self.indexes.write().unwrap_or_else(|p| p.into_inner());
+        let route = config.route(tenant);
+        if indexes.handlers.iter().any(|h| &*h.tenant.name == tenant && *h.name == *config.name) {
+            return Err(AddError::Invalid(format!("handler `{tenant}/{}` exists already", config.name)));
+        }
+        if indexes.by_route.contains_key(&route) {
+            return Err(AddError::Invalid(format!("route `{route}` is taken")));
+        }
+        let handler = new_handler(owner, &config, component);
+        let mut handlers = std::mem::take(&mut indexes.handlers);
+        handlers.push(handler.clone());
+        *indexes = Indexes::build(handlers);
+        tracing::info!(tenant, handler = %config.name, topic = %config.topic, "handler added at runtime");
+        Ok(handler)
+    }
+
+    /// Every handler.
+    pub fn handlers(&self) -> Vec<Arc<Handler>> {
+        self.read().handlers.clone()
     }
 
     /// The handlers subscribed to `topic` of `pubsub`.
-    pub fn subscribers(&self, pubsub: &str, topic: &str) -> &[Arc<Handler>] {
-        self.by_topic.get(&(pubsub.to_owned(), topic.to_owned())).map_or(&[], Vec::as_slice)
+    pub fn subscribers(&self, pubsub: &str, topic: &str) -> Vec<Arc<Handler>> {
+        self.read().by_topic.get(&(pubsub.to_owned(), topic.to_owned())).cloned().unwrap_or_default()
     }
 
     /// Who gets an event of type `event_type` on `topic`, the way Dapr's
@@ -197,27 +258,27 @@ impl Registry {
         {
             return vec![matched.clone()];
         }
-        group.iter().filter(|h| h.config.match_type.is_none()).cloned().collect()
+        group.into_iter().filter(|h| h.config.match_type.is_none()).collect()
     }
 
-    pub fn by_route(&self, route: &str) -> Option<&RouteTarget> {
-        self.by_route.get(route)
+    pub fn by_route(&self, route: &str) -> Option<RouteTarget> {
+        self.read().by_route.get(route).cloned()
     }
 
     /// The (pubsub, topic) groups of handlers, for building subscriptions.
-    pub fn topics(&self) -> impl Iterator<Item = (&(String, String), &Vec<Arc<Handler>>)> {
-        self.by_topic.iter()
+    pub fn topics(&self) -> Vec<(TopicKey, Vec<Arc<Handler>>)> {
+        self.read().by_topic.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// The pub/sub component names the manifest uses.
     pub fn pubsub_names(&self) -> Vec<String> {
-        let mut names: Vec<_> = self.handlers.iter().map(|h| h.config.pubsub.clone()).collect();
+        let mut names: Vec<_> = self.read().handlers.iter().map(|h| h.config.pubsub.clone()).collect();
         names.sort();
         names.dedup();
         names
     }
 
-    pub fn find(&self, tenant: &str, handler: &str) -> Option<&Arc<Handler>> {
-        self.handlers.iter().find(|h| &*h.tenant.name == tenant && &*h.name == handler)
+    pub fn find(&self, tenant: &str, handler: &str) -> Option<Arc<Handler>> {
+        self.read().handlers.iter().find(|h| &*h.tenant.name == tenant && &*h.name == handler).cloned()
     }
 }

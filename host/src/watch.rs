@@ -38,7 +38,7 @@ pub async fn run(registry: Arc<Registry>, deployer: Deployer, shutdown: Cancella
     .context("starting the component file watcher")?;
     // Watch directories, not files: an atomic rename replaces the file's
     // inode, and a watch on the old inode would go quiet.
-    let dirs: HashSet<PathBuf> = registry.handlers.iter().filter_map(|h| h.config.component.parent().map(PathBuf::from)).collect();
+    let dirs: HashSet<PathBuf> = registry.handlers().iter().filter_map(|h| h.config.component.parent().map(PathBuf::from)).collect();
     for dir in &dirs {
         debouncer.watcher().watch(dir, RecursiveMode::NonRecursive).with_context(|| format!("watching {}", dir.display()))?;
         tracing::info!(dir = %dir.display(), "watching for new handler versions");
@@ -50,7 +50,7 @@ pub async fn run(registry: Arc<Registry>, deployer: Deployer, shutdown: Cancella
             _ = shutdown.cancelled() => return Ok(()),
             paths = changed.recv() => match paths { Some(p) => p, None => return Ok(()) },
         };
-        for handler in registry.handlers.iter().filter(|h| paths.iter().any(|p| same_file(p, &h.config.component))) {
+        for handler in registry.handlers().iter().filter(|h| paths.iter().any(|p| same_file(p, &h.config.component))) {
             let path = &handler.config.component;
             let Ok(bytes) = std::fs::read(path) else { continue }; // removed or mid-rename
             let version = hex::encode(Sha256::digest(&bytes));

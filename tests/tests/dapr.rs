@@ -415,3 +415,32 @@ async fn twenty_hot_swaps_through_daprd_process_every_event_once_by_one_version(
     assert_eq!(rollback.status(), 200);
     assert_eq!(rollback.json::<Value>().await.unwrap()["to"], versions[18].as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_added_at_runtime_is_delivered_through_a_streaming_subscription() {
+    let scratch = Scratch::new();
+    let redis = Redis::start(scratch.path());
+    let app_port = free_port();
+    let daprd = Daprd::start("daprd", "late", app_port, &scratch.components(&redis), scratch.path());
+    let manifest = scratch.manifest(&manifest("", &[("orders", guests::RECORDER, "orders", "")]));
+    let _host = wasmsub_tests::dapr::start_host_with(HOST, "host", &manifest, &daprd, scratch.path(), &[("WASMSUB_ADMIN_TOKEN", "t0ken")]);
+    let client = DaprClient::new(&daprd);
+    wait_until_subscribed(&client, "orders").await;
+
+    // `late-topic` was in no subscription Dapr read at start-up.
+    let url = format!("http://127.0.0.1:{app_port}/admin/tenants/acme/handlers/late/component?topic=late-topic");
+    let response = reqwest::Client::new().put(url).bearer_auth("t0ken").body(std::fs::read(guests::RECORDER).unwrap()).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
+    // The stream opens asynchronously; publish until the handler sees one.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for attempt in 0.. {
+        client.publish("late-topic", &cloud_event(&format!("late-{attempt}"), json!({"key": "late"}))).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if client.tenant_state("acme", "count:late").await.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no event of the new topic reached the new handler");
+    }
+    let counts = handler_counts(app_port, "late").await;
+    assert!(counts["processed"].as_u64().unwrap() >= 1, "{counts}");
+}

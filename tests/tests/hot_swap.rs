@@ -192,3 +192,23 @@ async fn a_watched_component_file_goes_live_when_replaced_and_bad_writes_change_
     wait_for_version(&host, &version_of(&v2)).await;
     host.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_deployed_for_a_new_topic_receives_its_events_without_a_restart() {
+    let mut host = TestHost::start(&recorder_manifest()).await.unwrap();
+    let placement = wasmsub::deploy::NewHandler { pubsub: "pubsub".into(), topic: "late-topic".into() };
+    let change = host
+        .host
+        .deployer
+        .deploy_new("acme", "late", placement.clone(), Path::new("upload"), std::fs::read(guests::RECORDER).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(change.from, "");
+    host.publish("late-topic", &cloud_event("late-1", json!({}))).await.unwrap();
+    let report = host.next_settled().await;
+    assert_eq!((report.handler.as_str(), &report.outcome), ("late", &Outcome::Processed { attempts: 1 }));
+    assert_eq!(host.state("count:late-1").await.as_deref(), Some("1"));
+
+    let unknown = host.host.deployer.deploy_new("nobody", "x", placement, Path::new("upload"), std::fs::read(guests::RECORDER).unwrap()).await;
+    assert!(matches!(unknown, Err(DeployError::UnknownHandler { .. })), "{unknown:?}");
+}

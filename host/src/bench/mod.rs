@@ -180,7 +180,7 @@ async fn pipeline_row(name: &str, component_path: &Path, store: Arc<dyn Delivery
     let manifest = Manifest::parse(&text, Path::new("/"))?;
     let dir = tempfile::tempdir()?;
     let host = Host::start_with_store(&manifest, &HostOptions::embedded(dir.path().to_owned()), store).await?;
-    let handler = host.registry.handlers[0].clone();
+    let handler = host.registry.handlers()[0].clone();
     let body = json!({"specversion": "1.0", "id": "x", "source": "bench", "type": "task.created",
                       "datacontenttype": "application/json", "data": {"id": 42, "title": "benchmark"}});
     let runtime = tokio::runtime::Handle::current();

@@ -50,7 +50,7 @@ pub async fn run(guests: &Path, handlers: usize, out: &mut impl Write) -> anyhow
     // 2. Deploy to first event on the new version.
     let manifest = Manifest::parse(&write_variants(&echo, files.path(), 1)?, Path::new("/"))?;
     let host = start(&manifest, data.path()).await?;
-    let handler = host.registry.handlers[0].clone();
+    let handler = host.registry.handlers()[0].clone();
     let mut to_live = Vec::new();
     for n in 0..20 {
         let bytes = with_custom_section(&echo, &format!("deploy-{n}"));
@@ -85,7 +85,7 @@ pub async fn run(guests: &Path, handlers: usize, out: &mut impl Write) -> anyhow
 /// Events per second through the pipeline, `CONCURRENCY` at a time; with
 /// `swap_from`, a new version of it is deployed every 50 ms meanwhile.
 async fn throughput(host: &Host, events: usize, swap_from: Option<&[u8]>) -> f64 {
-    let handler = host.registry.handlers[0].clone();
+    let handler = host.registry.handlers()[0].clone();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let label = if swap_from.is_some() { "swap" } else { "steady" };
     let started = Instant::now();

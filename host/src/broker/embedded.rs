@@ -86,7 +86,7 @@ impl EmbeddedBroker {
                 let rejection = Rejection::Malformed(malformed);
                 let pipeline = self.pipeline.upgrade().ok_or(PublishError::Closed)?;
                 for handler in self.registry.subscribers(pubsub, topic) {
-                    pipeline.reject(handler, &body, content_type, rejection.clone()).await;
+                    pipeline.reject(&handler, &body, content_type, rejection.clone()).await;
                 }
                 return Err(PublishError::Rejected(rejection));
             }

@@ -89,7 +89,7 @@ async fn deliver(State(state): State<AppState>, method: Method, uri: Uri, header
 /// Delivers one event to every target handler (concurrently; each dedupes on
 /// its own) and combines their answers: RETRY if any must see it again,
 /// DROP if every one dead-lettered it, else SUCCESS.
-async fn deliver_to_all(pipeline: &Arc<Pipeline>, targets: &[Arc<Handler>], body: Bytes, content_type: Option<String>) -> DaprStatus {
+pub(crate) async fn deliver_to_all(pipeline: &Arc<Pipeline>, targets: &[Arc<Handler>], body: Bytes, content_type: Option<String>) -> DaprStatus {
     let runs: Vec<_> = targets
         .iter()
         .map(|handler| {

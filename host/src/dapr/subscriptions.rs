@@ -55,6 +55,7 @@ pub struct BulkSubscribe {
 pub fn subscriptions(registry: &Registry) -> Vec<Subscription> {
     let mut subscriptions: Vec<_> = registry
         .topics()
+        .into_iter()
         .map(|((pubsub, topic), group)| {
             let first = &group[0].config;
             let mut metadata = Map::new();
@@ -69,7 +70,7 @@ pub fn subscriptions(registry: &Registry) -> Vec<Subscription> {
             let default = match defaults.as_slice() {
                 [] => None,
                 [only] => Some(only.route.clone()),
-                _ => Some(fan_out_route(pubsub, topic)),
+                _ => Some(fan_out_route(&pubsub, &topic)),
             };
             Subscription {
                 pubsubname: pubsub.clone(),

@@ -5,7 +5,7 @@
 //! the new version) and `POST .../rollback`.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -36,7 +36,7 @@ async fn health() -> StatusCode {
 async fn handlers(State(state): State<AppState>) -> Json<Value> {
     let handlers: Vec<_> = state
         .registry
-        .handlers
+        .handlers()
         .iter()
         .map(|h| {
             json!({
@@ -87,19 +87,41 @@ fn deploy_error(failure: DeployError) -> Response {
         DeployError::UnknownHandler { .. } => StatusCode::NOT_FOUND,
         DeployError::NothingToRollBack { .. } => StatusCode::CONFLICT,
         DeployError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        DeployError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        DeployError::Invalid(_) | DeployError::NewHandler(_) => StatusCode::UNPROCESSABLE_ENTITY,
         DeployError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     tracing::warn!(error = %failure, "deploy refused; the serving version is unchanged");
     error(status, &failure.to_string())
 }
 
-async fn deploy(State(state): State<AppState>, Path((tenant, handler)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> Response {
+/// `?topic=T[&pubsub=P]` creates the handler if the manifest has none by
+/// that name, for topic T (subscribed to at runtime if need be).
+#[derive(serde::Deserialize)]
+struct Placement {
+    topic: Option<String>,
+    pubsub: Option<String>,
+}
+
+async fn deploy(
+    State(state): State<AppState>,
+    Path((tenant, handler)): Path<(String, String)>,
+    Query(placement): Query<Placement>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if let Err((status, why)) = authorize(&state, &headers) {
         return error(status, why);
     }
     let origin = std::path::PathBuf::from(format!("upload for {tenant}/{handler}"));
-    match state.deployer.deploy(&tenant, &handler, &origin, body.to_vec()).await {
+    let deployed = match placement.topic {
+        Some(topic) => {
+            let pubsub = placement.pubsub.unwrap_or_else(|| crate::manifest::DEFAULT_PUBSUB.to_owned());
+            let new = crate::deploy::NewHandler { pubsub, topic };
+            state.deployer.deploy_new(&tenant, &handler, new, &origin, body.to_vec()).await
+        }
+        None => state.deployer.deploy(&tenant, &handler, &origin, body.to_vec()).await,
+    };
+    match deployed {
         Ok(change) => Json(change).into_response(),
         Err(failure) => deploy_error(failure),
     }

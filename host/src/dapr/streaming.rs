@@ -1,0 +1,157 @@
+//! Streaming subscriptions: topics added while the host runs.
+//!
+//! Dapr reads an app's programmatic subscriptions (`/dapr/subscribe`) once,
+//! at start-up. A handler deployed later for a topic nobody subscribed to
+//! would never see an event; for those topics the host opens a streaming
+//! subscription over the sidecar's gRPC API (`SubscribeTopicEventsAlpha1`,
+//! an alpha API: no routing rules or bulk there). Each event on the stream
+//! goes through the same pipeline as one delivered over HTTP, and its
+//! answer goes back on the stream. A broken stream is reopened with
+//! backoff; events not answered are redelivered by the broker.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use dapr::dapr::proto::runtime::v1::dapr_client::DaprClient;
+use dapr::dapr::proto::runtime::v1::subscribe_topic_events_request_alpha1::SubscribeTopicEventsRequestType;
+use dapr::dapr::proto::runtime::v1::subscribe_topic_events_response_alpha1::SubscribeTopicEventsResponseType;
+use dapr::dapr::proto::runtime::v1::topic_event_response::TopicEventResponseStatus;
+use dapr::dapr::proto::runtime::v1::{
+    SubscribeTopicEventsRequestAlpha1, SubscribeTopicEventsRequestInitialAlpha1, SubscribeTopicEventsRequestProcessedAlpha1,
+    TopicEventRequest, TopicEventResponse,
+};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::app::deliver_to_all;
+use crate::cloudevent::{CLOUDEVENTS_JSON, is_json_media_type};
+use crate::outcome::DaprStatus;
+use crate::pipeline::Pipeline;
+use crate::registry::Registry;
+
+/// Longest wait between attempts to (re)open a stream.
+const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(30);
+/// Answers buffered towards the sidecar per stream.
+const ANSWER_BUFFER: usize = 256;
+
+/// Opens a streaming subscription for each topic it is told about, once.
+#[derive(Clone)]
+pub struct StreamingSubscriptions {
+    grpc_url: String,
+    registry: Arc<Registry>,
+    pipeline: Arc<Pipeline>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    /// Topics Dapr already delivers (start-up subscriptions, open streams).
+    covered: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+impl StreamingSubscriptions {
+    pub fn new(grpc_url: String, registry: Arc<Registry>, pipeline: Arc<Pipeline>, tasks: TaskTracker, shutdown: CancellationToken) -> Self {
+        let covered = registry.topics().into_iter().map(|(topic, _)| topic).collect();
+        Self { grpc_url, registry, pipeline, tasks, shutdown, covered: Arc::new(Mutex::new(covered)) }
+    }
+
+    /// Makes sure events of `topic` reach the host.
+    pub fn ensure(&self, pubsub: &str, topic: &str) {
+        let key = (pubsub.to_owned(), topic.to_owned());
+        if !self.covered.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
+            return;
+        }
+        tracing::info!(%pubsub, %topic, "topic added at runtime: opening a streaming subscription");
+        let this = self.clone();
+        let (pubsub, topic) = (pubsub.to_owned(), topic.to_owned());
+        self.tasks.spawn(async move { this.keep_subscribed(pubsub, topic).await });
+    }
+
+    async fn keep_subscribed(self, pubsub: String, topic: String) {
+        let mut wait = Duration::from_millis(250);
+        while !self.shutdown.is_cancelled() {
+            match self.stream(&pubsub, &topic).await {
+                Ok(()) => wait = Duration::from_millis(250),
+                Err(error) => tracing::warn!(%pubsub, %topic, error = %format!("{error:#}"), retry_in = ?wait, "streaming subscription broke; reopening"),
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(MAX_RECONNECT_WAIT);
+        }
+    }
+
+    async fn stream(&self, pubsub: &str, topic: &str) -> anyhow::Result<()> {
+        let mut client = DaprClient::connect(self.grpc_url.clone()).await?;
+        let (answers, outgoing) = mpsc::channel(ANSWER_BUFFER);
+        let initial = SubscribeTopicEventsRequestInitialAlpha1 {
+            pubsub_name: pubsub.to_owned(),
+            topic: topic.to_owned(),
+            metadata: Default::default(),
+            dead_letter_topic: None,
+        };
+        answers
+            .send(SubscribeTopicEventsRequestAlpha1 { subscribe_topic_events_request_type: Some(SubscribeTopicEventsRequestType::InitialRequest(initial)) })
+            .await?;
+        let mut incoming = client.subscribe_topic_events_alpha1(tokio_stream::wrappers::ReceiverStream::new(outgoing)).await?.into_inner();
+        loop {
+            let message = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                message = incoming.message() => message?,
+            };
+            let Some(message) = message else { return Ok(()) };
+            match message.subscribe_topic_events_response_type {
+                Some(SubscribeTopicEventsResponseType::InitialResponse(_)) => tracing::info!(%pubsub, %topic, "streaming subscription open"),
+                Some(SubscribeTopicEventsResponseType::EventMessage(event)) => {
+                    let (registry, pipeline, answers) = (self.registry.clone(), self.pipeline.clone(), answers.clone());
+                    tokio::spawn(async move {
+                        let targets = registry.recipients(&event.pubsub_name, &event.topic, Some(&event.r#type));
+                        let status = deliver_to_all(&pipeline, &targets, envelope(&event).into(), Some(CLOUDEVENTS_JSON.to_owned())).await;
+                        let answer = SubscribeTopicEventsRequestProcessedAlpha1 { id: event.id, status: Some(TopicEventResponse { status: status_code(status) as i32 }) };
+                        let _ = answers
+                            .send(SubscribeTopicEventsRequestAlpha1 { subscribe_topic_events_request_type: Some(SubscribeTopicEventsRequestType::EventProcessed(answer)) })
+                            .await;
+                    });
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+fn status_code(status: DaprStatus) -> TopicEventResponseStatus {
+    match status {
+        DaprStatus::Success => TopicEventResponseStatus::Success,
+        DaprStatus::Retry => TopicEventResponseStatus::Retry,
+        DaprStatus::Drop => TopicEventResponseStatus::Drop,
+    }
+}
+
+/// The structured CloudEvent the HTTP routes would have received.
+fn envelope(event: &TopicEventRequest) -> Vec<u8> {
+    let mut object = Map::new();
+    object.insert("id".into(), event.id.clone().into());
+    object.insert("source".into(), event.source.clone().into());
+    object.insert("type".into(), event.r#type.clone().into());
+    object.insert("specversion".into(), event.spec_version.clone().into());
+    object.insert("datacontenttype".into(), event.data_content_type.clone().into());
+    object.insert("topic".into(), event.topic.clone().into());
+    object.insert("pubsubname".into(), event.pubsub_name.clone().into());
+    if let Some(extensions) = &event.extensions {
+        for (name, value) in &extensions.fields {
+            if let Some(prost_types::value::Kind::StringValue(text)) = &value.kind
+                && !object.contains_key(name)
+            {
+                object.insert(name.clone(), text.clone().into());
+            }
+        }
+    }
+    let json = is_json_media_type(&event.data_content_type).then(|| serde_json::from_slice::<Value>(&event.data).ok()).flatten();
+    match json {
+        Some(data) => object.insert("data".into(), data),
+        None => object.insert("data_base64".into(), base64::engine::general_purpose::STANDARD.encode(&event.data).into()),
+    };
+    Value::Object(object).to_string().into_bytes()
+}
