@@ -76,10 +76,14 @@ fn print_change(verb: &str, change: &serde_json::Value) {
     println!("{verb} {}/{}: {} -> {}", change["tenant"].as_str().unwrap_or(""), change["handler"].as_str().unwrap_or(""), short(&change["from"]), short(&change["to"]));
 }
 
-pub async fn deploy(base_url: &str, token: &str, tenant: &str, handler: &str, component: Vec<u8>) -> anyhow::Result<()> {
+/// `placement`: `(pubsub, topic)` to create the handler for a (new) topic.
+pub async fn deploy(base_url: &str, token: &str, tenant: &str, handler: &str, placement: Option<(String, String)>, component: Vec<u8>) -> anyhow::Result<()> {
     let url = format!("{}/admin/tenants/{tenant}/handlers/{handler}/component", base_url.trim_end_matches('/'));
     // Compiling a large component takes a while: allow more than the default.
-    let request = reqwest::Client::builder().timeout(Duration::from_secs(300)).build()?.put(&url).bearer_auth(token).body(component);
+    let mut request = reqwest::Client::builder().timeout(Duration::from_secs(300)).build()?.put(&url).bearer_auth(token).body(component);
+    if let Some((pubsub, topic)) = placement {
+        request = request.query(&[("pubsub", pubsub), ("topic", topic)]);
+    }
     print_change("deployed", &admin_call(request, &url).await?);
     Ok(())
 }

@@ -30,6 +30,7 @@ Examples:
   curl -X POST localhost:3500/v1.0/publish/pubsub/task-created -H 'content-type: application/json' -d '{\"id\":2,\"title\":\"ship\"}'
   wasmsub dead-letters
   wasmsub deploy --tenant todo --handler task-created --token $TOKEN new.wasm   # hot swap
+  wasmsub deploy --tenant todo --handler archived --topic task-archived --token $TOKEN archived.wasm  # new topic
   wasmsub rollback --tenant todo --handler task-created --token $TOKEN
   wasmsub status
 
@@ -76,6 +77,13 @@ enum Command {
     Deploy {
         #[command(flatten)]
         target: TargetArgs,
+        /// Create the handler (if the host has none by that name) for this
+        /// topic; the host subscribes to it without a restart.
+        #[arg(long)]
+        topic: Option<String>,
+        /// The pub/sub component of --topic.
+        #[arg(long, default_value = "pubsub")]
+        pubsub: String,
         /// The component file.
         component: PathBuf,
     },
@@ -250,9 +258,10 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             client::publish(&url, &pubsub, &topic, body, &content_type).await
         }
         Command::DeadLetters { url } => client::print_dead_letters(&url).await,
-        Command::Deploy { target, component } => {
+        Command::Deploy { target, topic, pubsub, component } => {
             let bytes = std::fs::read(&component).with_context(|| format!("reading {}", component.display()))?;
-            client::deploy(&target.url, &target.token, &target.tenant, &target.handler, bytes).await
+            let placement = topic.map(|topic| (pubsub, topic));
+            client::deploy(&target.url, &target.token, &target.tenant, &target.handler, placement, bytes).await
         }
         Command::Rollback { target } => client::rollback(&target.url, &target.token, &target.tenant, &target.handler).await,
         Command::Status { url } => client::print_status(&url).await,
