@@ -29,7 +29,7 @@ pub async fn publish(base_url: &str, pubsub: &str, topic: &str, body: Vec<u8>, c
         let text = response.text().await.unwrap_or_default();
         bail!("publishing to {url} was refused with {status}: {text}");
     }
-    tracing::info!(%topic, %pubsub, "published");
+    println!("published to {pubsub}/{topic}");
     Ok(())
 }
 
@@ -73,7 +73,13 @@ async fn admin_call(request: reqwest::RequestBuilder, url: &str) -> anyhow::Resu
 
 fn print_change(verb: &str, change: &serde_json::Value) {
     let short = |v: &serde_json::Value| v.as_str().map(|s| s.chars().take(12).collect::<String>()).unwrap_or_default();
-    println!("{verb} {}/{}: {} -> {}", change["tenant"].as_str().unwrap_or(""), change["handler"].as_str().unwrap_or(""), short(&change["from"]), short(&change["to"]));
+    let (from, to) = (short(&change["from"]), short(&change["to"]));
+    let name = format!("{}/{}", change["tenant"].as_str().unwrap_or(""), change["handler"].as_str().unwrap_or(""));
+    match (from.as_str(), to.as_str()) {
+        ("", to) => println!("{verb} {name}: new handler, version {to}"),
+        (from, to) if from == to => println!("{name}: version {to} is already serving; nothing changed"),
+        (from, to) => println!("{verb} {name}: {from} -> {to}"),
+    }
 }
 
 /// `placement`: `(pubsub, topic)` to create the handler for a (new) topic.
@@ -98,6 +104,7 @@ pub async fn print_status(base_url: &str) -> anyhow::Result<()> {
     let url = format!("{}/wasmsub/handlers", base_url.trim_end_matches('/'));
     let body = admin_call(http()?.get(&url), &url).await?;
     println!("{:<28} {:<14} {:<22} {:>9} {:>9} {:>8} {:>8} {:>8}", "tenant/handler", "version", "topic", "processed", "duplicate", "retried", "dead", "deferred");
+    let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0).to_string();
     for h in body["handlers"].as_array().into_iter().flatten() {
         let counts = &h["counts"];
         println!(
@@ -105,7 +112,8 @@ pub async fn print_status(base_url: &str) -> anyhow::Result<()> {
             format!("{}/{}", h["tenant"].as_str().unwrap_or(""), h["handler"].as_str().unwrap_or("")),
             h["version"].as_str().unwrap_or("").chars().take(12).collect::<String>(),
             h["topic"].as_str().unwrap_or(""),
-            counts["processed"], counts["duplicates"], counts["retries"], counts["dead_lettered"], counts["deferred"],
+            count(&counts["processed"]), count(&counts["duplicates"]), count(&counts["retries"]),
+            count(&counts["dead_lettered"]), count(&counts["deferred"]),
         );
     }
     Ok(())

@@ -222,13 +222,15 @@ async fn wait_for_sidecar(sidecar: &Sidecar) -> anyhow::Result<()> {
 
 /// Loads every component the manifest names, as start-up would, and reports
 /// the first that cannot serve.
-pub fn check(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<()> {
+/// Returns how many handlers loaded.
+pub fn check(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<usize> {
     let runtime = Runtime::new(&options.engine)?;
     let registry = Registry::load(manifest, &runtime)?;
-    for handler in &registry.handlers() {
+    let handlers = registry.handlers();
+    for handler in &handlers {
         tracing::info!(tenant = %handler.tenant.name, handler = %handler.name, version = %handler.current().version, "ok");
     }
-    Ok(())
+    Ok(handlers.len())
 }
 
 /// Runs the host, serving HTTP on `listener`, until `shutdown`.

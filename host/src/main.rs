@@ -52,6 +52,14 @@ enum Command {
         /// 0.0.0.0:$APP_PORT (behind Dapr).
         #[arg(long, env = "WASMSUB_LISTEN")]
         listen: Option<SocketAddr>,
+        /// Bearer token for the admin API's deploy and rollback; without one,
+        /// those endpoints are disabled.
+        #[arg(long, env = "WASMSUB_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Deploy a handler's component file as its new version when the
+        /// file changes (hot swap by copying a file).
+        #[arg(long, env = "WASMSUB_WATCH")]
+        watch: bool,
     },
     /// Check a manifest and load every component it names, then exit.
     Check {
@@ -183,27 +191,13 @@ struct HostArgs {
     /// Instance pool size: the most events handled at once across tenants.
     #[arg(long, env = "WASMSUB_INSTANCE_SLOTS", default_value_t = EngineConfig::default().instance_slots)]
     instance_slots: u32,
-    /// Bearer token for the admin API's deploy and rollback; without one,
-    /// those endpoints are disabled.
-    #[arg(long, env = "WASMSUB_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
-    /// Deploy a handler's component file as its new version when the file
-    /// changes (hot swap by copying a file).
-    #[arg(long, env = "WASMSUB_WATCH")]
-    watch: bool,
 }
 
 impl HostArgs {
     fn load(&self) -> anyhow::Result<(Manifest, HostOptions)> {
         let manifest = Manifest::load(&self.manifest)?;
         let engine = EngineConfig { instance_slots: self.instance_slots, ..EngineConfig::default() };
-        let options = HostOptions {
-            data_dir: self.data_dir.clone(),
-            engine,
-            backend: Backend::Embedded,
-            admin_token: self.admin_token.clone(),
-            watch: self.watch,
-        };
+        let options = HostOptions { data_dir: self.data_dir.clone(), engine, backend: Backend::Embedded, admin_token: None, watch: false };
         Ok((manifest, options))
     }
 }
@@ -229,8 +223,10 @@ fn main() -> ExitCode {
 
 async fn execute(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { host, dapr, listen } => {
+        Command::Run { host, dapr, listen, admin_token, watch } => {
             let (manifest, mut options) = host.load()?;
+            options.admin_token = admin_token;
+            options.watch = watch;
             let listen = match dapr.dapr_http_port {
                 Some(port) => {
                     options.backend = Backend::Dapr {
@@ -248,13 +244,20 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::Check { host } => {
             let (manifest, options) = host.load()?;
-            wasmsub::host::check(&manifest, &options)
+            let handlers = wasmsub::host::check(&manifest, &options)?;
+            println!("{}: manifest OK, {handlers} handler(s) loaded", host.manifest.display());
+            Ok(())
         }
         Command::Publish { topic, data, pubsub, content_type, url } => {
             let body = match data.strip_prefix('@') {
                 Some(path) => std::fs::read(path).with_context(|| format!("reading {path}"))?,
                 None => data.into_bytes(),
             };
+            if wasmsub::cloudevent::is_json_media_type(&content_type)
+                && let Err(error) = serde_json::from_slice::<serde_json::Value>(&body)
+            {
+                anyhow::bail!("the data is not valid JSON ({error}); send text with --content-type text/plain");
+            }
             client::publish(&url, &pubsub, &topic, body, &content_type).await
         }
         Command::DeadLetters { url } => client::print_dead_letters(&url).await,
