@@ -140,21 +140,6 @@ impl TestHost {
 /// A new version of a component: the same code with a custom section that
 /// makes its bytes (and so its sha256 version) distinct.
 pub fn component_variant(path: &str, n: usize) -> Vec<u8> {
-    let mut bytes = std::fs::read(path).expect("reading a guest component");
-    let name = format!("wasmsub-test-variant-{n}");
-    let mut payload = vec![name.len() as u8];
-    payload.extend_from_slice(name.as_bytes());
-    bytes.push(0); // custom section id
-    let mut size = payload.len();
-    loop {
-        let byte = (size & 0x7f) as u8;
-        size >>= 7;
-        if size == 0 {
-            bytes.push(byte);
-            break;
-        }
-        bytes.push(byte | 0x80);
-    }
-    bytes.extend_from_slice(&payload);
-    bytes
+    let bytes = std::fs::read(path).expect("reading a guest component");
+    wasmsub::bench::tenants::with_custom_section(&bytes, &format!("wasmsub-test-variant-{n}"))
 }

@@ -82,23 +82,48 @@ async fn handler_counts(app_port: u16, handler: &str) -> Value {
     body["handlers"].as_array().unwrap().iter().find(|h| h["handler"] == handler).unwrap()["counts"].clone()
 }
 
+/// The usual line-up: Redis, one daprd, one host process running
+/// `manifest_text` (with `env`), subscribed and ready.
+/// Fields drop in order: the host, then daprd, then Redis, and the scratch
+/// directory (with their logs) last.
+struct Stack {
+    host: wasmsub_tests::dapr::Process,
+    client: DaprClient,
+    daprd: Daprd,
+    redis: Option<Redis>,
+    app_port: u16,
+    _scratch: Scratch,
+}
+
+impl Stack {
+    async fn start(app_id: &str, manifest_text: &str, env: &[(&str, &str)]) -> Self {
+        let scratch = Scratch::new();
+        let redis = Redis::start(scratch.path());
+        let app_port = free_port();
+        let daprd = Daprd::start("daprd", app_id, app_port, &scratch.components(&redis), scratch.path());
+        let manifest = scratch.manifest(manifest_text);
+        let host = wasmsub_tests::dapr::start_host_with(HOST, "host", &manifest, &daprd, scratch.path(), env);
+        let client = DaprClient::new(&daprd);
+        wait_until_subscribed(&client, "orders").await;
+        Self { host, client, daprd, redis: Some(redis), app_port, _scratch: scratch }
+    }
+
+    fn admin_url(&self, handler: &str, action: &str) -> String {
+        format!("http://127.0.0.1:{}/admin/tenants/acme/handlers/{handler}/{action}", self.app_port)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_todo_app_through_daprd_and_redis() {
-    let scratch = Scratch::new();
-    let redis = Redis::start(scratch.path());
-    let app_port = free_port();
-    let daprd = Daprd::start("daprd", "todo", app_port, &scratch.components(&redis), scratch.path());
-    let manifest = scratch.manifest(&manifest(r#"publish_topics = ["task-audit"]"#, &[
+    let stack = Stack::start("todo", &manifest(r#"publish_topics = ["task-audit"]"#, &[
         ("task-created", guests::TASK_CREATED, "task-created", ""),
         ("audit", guests::RECORDER, "task-audit", ""),
         ("orders", guests::RECORDER, "orders", ""),
         ("flaky", guests::FLAKY, "reminders", ""),
         ("poison", guests::POISON, "archive", ""),
         ("dlq", guests::RECORDER, "archive-dead-letter", ""),
-    ]));
-    let _host = start_host(HOST, "host", &manifest, &daprd, scratch.path());
-    let client = DaprClient::new(&daprd);
-    wait_until_subscribed(&client, "orders").await;
+    ]), &[]).await;
+    let (client, app_port) = (&stack.client, stack.app_port);
     let limit = Duration::from_secs(30);
 
     // The todo handler's effect, read through Dapr's own state API.
@@ -272,13 +297,8 @@ async fn two_hosts_share_the_work_exactly_once_even_when_one_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_or_sidecar_outage_is_answered_retry_and_nothing_runs_unguarded() {
-    let scratch = Scratch::new();
-    let mut redis = Some(Redis::start(scratch.path()));
-    let app_port = free_port();
-    let mut daprd = Daprd::start("daprd", "outage", app_port, &scratch.components(redis.as_ref().unwrap()), scratch.path());
-    let manifest = scratch.manifest(&manifest("", &[("orders", guests::RECORDER, "orders", "")]));
-    let _host = start_host(HOST, "host", &manifest, &daprd, scratch.path());
-    wait_until_subscribed(&DaprClient::new(&daprd), "orders").await;
+    let mut stack = Stack::start("outage", &manifest("", &[("orders", guests::RECORDER, "orders", "")]), &[]).await;
+    let app_port = stack.app_port;
     let deliver = || async {
         let response = reqwest::Client::new()
             .post(format!("http://127.0.0.1:{app_port}/events/acme/orders"))
@@ -292,9 +312,9 @@ async fn a_store_or_sidecar_outage_is_answered_retry_and_nothing_runs_unguarded(
     };
     let processed_before = handler_counts(app_port, "orders").await["processed"].clone();
 
-    redis.take(); // the state store's Redis goes away
+    stack.redis.take(); // the state store's Redis goes away
     assert_eq!(deliver().await, json!({"status": "RETRY"}));
-    daprd.kill(); // and then the sidecar itself
+    stack.daprd.kill(); // and then the sidecar itself
     assert_eq!(deliver().await, json!({"status": "RETRY"}));
 
     let counts = handler_counts(app_port, "orders").await;
@@ -304,16 +324,11 @@ async fn a_store_or_sidecar_outage_is_answered_retry_and_nothing_runs_unguarded(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_deliveries_are_answered_per_entry() {
-    let scratch = Scratch::new();
-    let redis = Redis::start(scratch.path());
-    let app_port = free_port();
-    let daprd = Daprd::start("daprd", "bulky", app_port, &scratch.components(&redis), scratch.path());
-    let manifest = scratch.manifest(&manifest("", &[("orders", guests::RECORDER, "orders", "bulk = { max_messages = 10, max_await_ms = 200 }")]));
-    let _host = start_host(HOST, "host", &manifest, &daprd, scratch.path());
-    let subscriptions: Value = reqwest::get(format!("http://127.0.0.1:{app_port}/dapr/subscribe")).await.unwrap().json().await.unwrap();
+    let bulk = "bulk = { max_messages = 10, max_await_ms = 200 }";
+    let stack = Stack::start("bulky", &manifest("", &[("orders", guests::RECORDER, "orders", bulk)]), &[]).await;
+    let (client, daprd) = (&stack.client, &stack.daprd);
+    let subscriptions: Value = reqwest::get(format!("http://127.0.0.1:{}/dapr/subscribe", stack.app_port)).await.unwrap().json().await.unwrap();
     assert_eq!(subscriptions[0]["bulkSubscribe"], json!({"enabled": true, "maxMessagesCount": 10, "maxAwaitDurationMs": 200}));
-    let client = DaprClient::new(&daprd);
-    wait_until_subscribed(&client, "orders").await;
     let keys: Vec<String> = (0..40).map(|i| format!("bulk-{i}")).collect();
     for key in &keys {
         client.publish("orders", &cloud_event(key, json!({"key": key}))).await;
@@ -321,26 +336,20 @@ async fn bulk_deliveries_are_answered_per_entry() {
     // One duplicate inside the batch stream: still one effect.
     client.publish("orders", &cloud_event("bulk-0", json!({"key": "bulk-0"}))).await;
     let count_keys: Vec<String> = keys.iter().map(|k| format!("count:{k}")).collect();
-    assert_each_counted_once(&daprd, &count_keys, Duration::from_secs(60)).await;
+    assert_each_counted_once(daprd, &count_keys, Duration::from_secs(60)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_sharing_a_topic_each_get_it_and_rules_route_by_type() {
-    let scratch = Scratch::new();
-    let redis = Redis::start(scratch.path());
-    let app_port = free_port();
-    let daprd = Daprd::start("daprd", "shared", app_port, &scratch.components(&redis), scratch.path());
     let r = guests::RECORDER;
-    let manifest = scratch.manifest(&format!(
+    let stack = Stack::start("shared", &format!(
         "[[tenant]]\nname = \"acme\"\n\
          [[tenant.handler]]\nname = \"orders\"\ncomponent = {r:?}\ntopic = \"orders\"\n\
          [[tenant.handler]]\nname = \"cancellations\"\ncomponent = {r:?}\ntopic = \"orders\"\nmatch_type = \"order.cancelled\"\n\
          [[tenant]]\nname = \"globex\"\n\
          [[tenant.handler]]\nname = \"orders\"\ncomponent = {r:?}\ntopic = \"orders\"\n"
-    ));
-    let _host = start_host(HOST, "host", &manifest, &daprd, scratch.path());
-    let client = DaprClient::new(&daprd);
-    wait_until_subscribed(&client, "orders").await;
+    ), &[]).await;
+    let (client, app_port) = (&stack.client, stack.app_port);
     let limit = Duration::from_secs(30);
 
     client.publish("orders", &cloud_event("placed-1", json!({"key": "placed-1"}))).await;
@@ -360,15 +369,8 @@ async fn tenants_sharing_a_topic_each_get_it_and_rules_route_by_type() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_hot_swaps_through_daprd_process_every_event_once_by_one_version() {
-    let scratch = Scratch::new();
-    let redis = Redis::start(scratch.path());
-    let app_port = free_port();
-    let daprd = Daprd::start("daprd", "swaps", app_port, &scratch.components(&redis), scratch.path());
-    let manifest = scratch.manifest(&manifest("", &[("orders", guests::RECORDER, "orders", "")]));
-    let host = wasmsub_tests::dapr::start_host_with(HOST, "host", &manifest, &daprd, scratch.path(), &[("WASMSUB_ADMIN_TOKEN", "t0ken")]);
-    let client = DaprClient::new(&daprd);
-    wait_until_subscribed(&client, "orders").await;
-
+    let stack = Stack::start("swaps", &manifest("", &[("orders", guests::RECORDER, "orders", "")]), &[("WASMSUB_ADMIN_TOKEN", "t0ken")]).await;
+    let (daprd, host) = (&stack.daprd, &stack.host);
     const EVENTS: usize = 300;
     let publisher = {
         let client = DaprClient::new(&daprd);
@@ -380,7 +382,7 @@ async fn twenty_hot_swaps_through_daprd_process_every_event_once_by_one_version(
         })
     };
     let http = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{app_port}/admin/tenants/acme/handlers/orders/component");
+    let url = stack.admin_url("orders", "component");
     let mut versions = Vec::new();
     for n in 1..=20 {
         let response = http.put(&url).bearer_auth("t0ken").body(wasmsub_tests::component_variant(guests::RECORDER, n)).send().await.unwrap();
@@ -394,7 +396,7 @@ async fn twenty_hot_swaps_through_daprd_process_every_event_once_by_one_version(
     }
     publisher.await.unwrap();
     let keys: Vec<String> = (0..EVENTS).map(|i| format!("count:s-{i}")).collect();
-    assert_each_counted_once(&daprd, &keys, Duration::from_secs(60)).await;
+    assert_each_counted_once(daprd, &keys, Duration::from_secs(60)).await;
 
     // Each event was processed by exactly one version (the host's decision
     // lines name it), and the swaps took effect while events flowed.
@@ -411,24 +413,17 @@ async fn twenty_hot_swaps_through_daprd_process_every_event_once_by_one_version(
     for version in &used {
         assert!(version.len() == 12, "{version}");
     }
-    let rollback = http.post(format!("http://127.0.0.1:{app_port}/admin/tenants/acme/handlers/orders/rollback")).bearer_auth("t0ken").send().await.unwrap();
+    let rollback = http.post(stack.admin_url("orders", "rollback")).bearer_auth("t0ken").send().await.unwrap();
     assert_eq!(rollback.status(), 200);
     assert_eq!(rollback.json::<Value>().await.unwrap()["to"], versions[18].as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_added_at_runtime_is_delivered_through_a_streaming_subscription() {
-    let scratch = Scratch::new();
-    let redis = Redis::start(scratch.path());
-    let app_port = free_port();
-    let daprd = Daprd::start("daprd", "late", app_port, &scratch.components(&redis), scratch.path());
-    let manifest = scratch.manifest(&manifest("", &[("orders", guests::RECORDER, "orders", "")]));
-    let _host = wasmsub_tests::dapr::start_host_with(HOST, "host", &manifest, &daprd, scratch.path(), &[("WASMSUB_ADMIN_TOKEN", "t0ken")]);
-    let client = DaprClient::new(&daprd);
-    wait_until_subscribed(&client, "orders").await;
-
+    let stack = Stack::start("late", &manifest("", &[("orders", guests::RECORDER, "orders", "")]), &[("WASMSUB_ADMIN_TOKEN", "t0ken")]).await;
+    let (client, app_port) = (&stack.client, stack.app_port);
     // `late-topic` was in no subscription Dapr read at start-up.
-    let url = format!("http://127.0.0.1:{app_port}/admin/tenants/acme/handlers/late/component?topic=late-topic");
+    let url = format!("{}?topic=late-topic", stack.admin_url("late", "component"));
     let response = reqwest::Client::new().put(url).bearer_auth("t0ken").body(std::fs::read(guests::RECORDER).unwrap()).send().await.unwrap();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
     // The stream opens asynchronously; publish until the handler sees one.
