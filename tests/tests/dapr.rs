@@ -373,7 +373,7 @@ async fn twenty_hot_swaps_through_daprd_process_every_event_once_by_one_version(
     let (daprd, host) = (&stack.daprd, &stack.host);
     const EVENTS: usize = 300;
     let publisher = {
-        let client = DaprClient::new(&daprd);
+        let client = DaprClient::new(daprd);
         tokio::spawn(async move {
             for i in 0..EVENTS {
                 client.publish("orders", &cloud_event(&format!("s-{i}"), json!({"key": format!("s-{i}")}))).await;
