@@ -144,7 +144,9 @@ impl CloudEvent {
         }
     }
 
-    /// A new event to publish, with a caller-chosen (stable) id.
+    /// A new event to publish, with a caller-chosen (stable) id. The payload
+    /// goes in as Dapr's publish API puts it: JSON as JSON, other UTF-8 text
+    /// as a string, anything else base64-encoded.
     pub fn new_outgoing(id: String, source: &str, ty: &str, data: &[u8], content_type: &str) -> Map<String, Value> {
         let mut event = Map::new();
         event.insert("id".into(), id.into());
@@ -157,8 +159,8 @@ impl CloudEvent {
             .flatten();
         match (json, std::str::from_utf8(data)) {
             (Some(json), _) => event.insert("data".into(), json),
-            (None, Ok(text)) if content_type.starts_with("text/") => event.insert("data".into(), text.into()),
-            _ => event.insert("data_base64".into(), BASE64.encode(data).into()),
+            (None, Ok(text)) => event.insert("data".into(), text.into()),
+            (None, Err(_)) => event.insert("data_base64".into(), BASE64.encode(data).into()),
         };
         event
     }

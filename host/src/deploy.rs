@@ -73,11 +73,7 @@ impl Deployer {
         if self.registry.find(tenant, handler).is_some() {
             return self.deploy(tenant, handler, origin, bytes).await;
         }
-        let config: HandlerConfig = toml::from_str(&format!(
-            "name = {:?}\ncomponent = {:?}\npubsub = {:?}\ntopic = {:?}\n",
-            handler, origin.display().to_string(), placement.pubsub, placement.topic
-        ))
-        .map_err(|e| DeployError::NewHandler(e.to_string()))?;
+        let config = HandlerConfig::new(handler, origin.to_owned(), &placement.pubsub, &placement.topic);
         crate::manifest::validate_runtime_handler(&config).map_err(|e| DeployError::NewHandler(format!("{e:#}")))?;
         let (runtime, origin_owned) = (self.runtime.clone(), origin.to_owned());
         let component = tokio::task::spawn_blocking(move || runtime.load_bytes(&origin_owned, &bytes))

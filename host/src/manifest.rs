@@ -212,6 +212,24 @@ fn default_pubsub() -> String {
 }
 
 impl HandlerConfig {
+    /// A handler with every optional setting at its default (handlers
+    /// created at runtime, which the manifest does not describe).
+    pub fn new(name: &str, component: PathBuf, pubsub: &str, topic: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            component,
+            pubsub: pubsub.to_owned(),
+            topic: topic.to_owned(),
+            route: None,
+            dead_letter_topic: None,
+            id_mode: IdMode::default(),
+            retry: RetryPolicy::default(),
+            raw_payload: false,
+            bulk: None,
+            match_type: None,
+        }
+    }
+
     pub fn route(&self, tenant: &str) -> String {
         self.route.clone().unwrap_or_else(|| format!("/events/{tenant}/{}", self.name))
     }

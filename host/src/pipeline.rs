@@ -342,6 +342,11 @@ impl Pipeline {
                 dead_letter_topic = %flight.handler.dead_letter_topic, %reason, "event dead-lettered"),
             Outcome::Deferred { reason } => tracing::warn!(outcome = outcome.label(), %reason, "event deferred; asking for redelivery"),
         }
+        // Reports are for watchers (demo, tests, benchmarks): build none
+        // when nobody listens.
+        if self.reports.receiver_count() == 0 {
+            return outcome;
+        }
         let _ = self.reports.send(EventReport {
             tenant: flight.handler.tenant.name.to_string(),
             handler: flight.handler.name.to_string(),

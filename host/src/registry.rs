@@ -248,13 +248,14 @@ impl Registry {
         self.read().by_topic.get(&(pubsub.to_owned(), topic.to_owned())).cloned().unwrap_or_default()
     }
 
-    /// Who gets an event of type `event_type` on `topic`, the way Dapr's
-    /// routing rules decide: the handler whose `match_type` it is, else
-    /// every handler without one.
-    pub fn recipients(&self, pubsub: &str, topic: &str, event_type: Option<&str>) -> Vec<Arc<Handler>> {
+    /// Who gets an event on `topic`, the way Dapr's routing rules decide:
+    /// the handler whose `match_type` is the event's type, else every handler
+    /// without one. `event_type` is only called when the topic has rules.
+    pub fn recipients(&self, pubsub: &str, topic: &str, event_type: impl FnOnce() -> Option<String>) -> Vec<Arc<Handler>> {
         let group = self.subscribers(pubsub, topic);
-        if let Some(ty) = event_type
-            && let Some(matched) = group.iter().find(|h| h.config.match_type.as_deref() == Some(ty))
+        if group.iter().any(|h| h.config.match_type.is_some())
+            && let Some(ty) = event_type()
+            && let Some(matched) = group.iter().find(|h| h.config.match_type.as_deref() == Some(ty.as_str()))
         {
             return vec![matched.clone()];
         }

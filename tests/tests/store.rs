@@ -137,6 +137,16 @@ impl DeliveryStore for FullDisk {
     }
 }
 
+/// A host on `store` with a report subscription, after publishing one
+/// event with id `event_id` to `orders`.
+async fn host_publishing(store: Arc<dyn DeliveryStore>, event_id: &str) -> (Host, tokio::sync::broadcast::Receiver<wasmsub::EventReport>) {
+    let host = host_on(store).await;
+    let reports = host.pipeline.subscribe_reports();
+    let event = cloud_event(event_id, json!({})).to_string();
+    host.broker.as_ref().unwrap().publish_api("pubsub", "orders", event.into(), Some("application/cloudevents+json"), false).await.unwrap();
+    (host, reports)
+}
+
 async fn host_on(store: Arc<dyn DeliveryStore>) -> Host {
     let text = manifest_text("", &[HandlerSpec::new("recorder", guests::RECORDER, "orders")]);
     let manifest = Manifest::parse(&text, std::path::Path::new("/")).unwrap();
@@ -149,14 +159,7 @@ async fn host_on(store: Arc<dyn DeliveryStore>) -> Host {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_defers_the_event_and_it_is_processed_once_after() {
     let store = Arc::new(FullDisk { inner: MemoryStore::default(), failures: AtomicU32::new(2) });
-    let host = host_on(store.clone()).await;
-    let mut reports = host.pipeline.subscribe_reports();
-    host.broker
-        .as_ref()
-        .unwrap()
-        .publish_api("pubsub", "orders", cloud_event("d-1", json!({})).to_string().into(), Some("application/cloudevents+json"), false)
-        .await
-        .unwrap();
+    let (_host, mut reports) = host_publishing(store.clone(), "d-1").await;
     let mut outcomes = Vec::new();
     loop {
         let report = tokio::time::timeout(Duration::from_secs(30), reports.recv()).await.unwrap().unwrap();
@@ -179,14 +182,7 @@ async fn a_claim_left_by_a_crashed_run_expires_and_the_event_runs_once() {
     // A run that claimed the event and died: its lease is all that is left.
     let crashed = DedupeKey { tenant: "acme".into(), handler: "recorder".into(), event_id: "c-1".into() };
     acquired(store.claim(&crashed, Duration::from_millis(400)).await.unwrap());
-    let host = host_on(store.clone()).await;
-    let mut reports = host.pipeline.subscribe_reports();
-    host.broker
-        .as_ref()
-        .unwrap()
-        .publish_api("pubsub", "orders", cloud_event("c-1", json!({})).to_string().into(), Some("application/cloudevents+json"), false)
-        .await
-        .unwrap();
+    let (_host, mut reports) = host_publishing(store.clone(), "c-1").await;
     let first = tokio::time::timeout(Duration::from_secs(30), reports.recv()).await.unwrap().unwrap();
     assert_eq!(first.outcome, Outcome::InFlightElsewhere);
     loop {

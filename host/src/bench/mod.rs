@@ -231,6 +231,6 @@ pub async fn run(component: &Path, events: usize, out: &mut impl Write) -> anyho
     Ok(())
 }
 
-fn fmt(d: Duration) -> String {
+pub(super) fn fmt(d: Duration) -> String {
     format!("{:.1} us", d.as_secs_f64() * 1e6)
 }

@@ -15,6 +15,7 @@ use anyhow::Context;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::fmt;
 use crate::cloudevent::CloudEvent;
 use crate::store::MemoryStore;
 use crate::{Host, HostOptions, Manifest};
@@ -181,8 +182,4 @@ fn resident_bytes() -> u64 {
 
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
-}
-
-fn fmt(d: Duration) -> String {
-    format!("{:.1} us", d.as_secs_f64() * 1e6)
 }

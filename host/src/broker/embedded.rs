@@ -12,14 +12,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Publisher;
-use crate::cloudevent::{CLOUDEVENTS_JSON, CloudEvent, SPEC_VERSION, is_json_media_type};
+use crate::cloudevent::{CLOUDEVENTS_JSON, CloudEvent};
 use crate::outcome::DaprStatus;
 use crate::pipeline::Pipeline;
 use crate::receive::Rejection;
@@ -121,21 +120,10 @@ impl Publisher for EmbeddedBroker {
 
 /// The envelope Dapr's publish API puts around a payload.
 fn wrap_like_dapr(pubsub: &str, topic: &str, body: &[u8], content_type: &str) -> Map<String, Value> {
-    let mut event = Map::new();
-    event.insert("id".into(), uuid::Uuid::new_v4().to_string().into());
-    event.insert("source".into(), "wasmsub".into());
-    event.insert("type".into(), "com.dapr.event.sent".into());
-    event.insert("specversion".into(), SPEC_VERSION.into());
-    event.insert("datacontenttype".into(), content_type.into());
+    let mut event = CloudEvent::new_outgoing(uuid::Uuid::new_v4().to_string(), "wasmsub", "com.dapr.event.sent", body, content_type);
     event.insert("time".into(), humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string().into());
     event.insert("topic".into(), topic.into());
     event.insert("pubsubname".into(), pubsub.into());
-    let json = is_json_media_type(content_type).then(|| serde_json::from_slice::<Value>(body).ok()).flatten();
-    match (json, std::str::from_utf8(body)) {
-        (Some(json), _) => event.insert("data".into(), json),
-        (None, Ok(text)) => event.insert("data".into(), text.into()),
-        (None, Err(_)) => event.insert("data_base64".into(), base64::engine::general_purpose::STANDARD.encode(body).into()),
-    };
     event
 }
 
@@ -153,11 +141,14 @@ pub async fn run_dispatcher(
             _ = shutdown.cancelled() => return,
             message = queue.recv() => match message { Some(m) => m, None => return },
         };
-        // The event type decides routing rules (`match_type`), as in Dapr.
-        let event_type = serde_json::from_slice::<Value>(&message.body)
-            .ok()
-            .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_owned));
-        let subscribers = registry.recipients(&message.pubsub, &message.topic, event_type.as_deref());
+        // The event type decides routing rules (`match_type`), as in Dapr;
+        // the body is only looked into when the topic has rules.
+        let event_type = || {
+            serde_json::from_slice::<Value>(&message.body)
+                .ok()
+                .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_owned))
+        };
+        let subscribers = registry.recipients(&message.pubsub, &message.topic, event_type);
         if subscribers.is_empty() {
             tracing::debug!(messaging.destination.name = %message.topic, "no handler subscribes to this topic; message not delivered");
         }

@@ -107,7 +107,7 @@ impl StreamingSubscriptions {
                 Some(SubscribeTopicEventsResponseType::EventMessage(event)) => {
                     let (registry, pipeline, answers) = (self.registry.clone(), self.pipeline.clone(), answers.clone());
                     tokio::spawn(async move {
-                        let targets = registry.recipients(&event.pubsub_name, &event.topic, Some(&event.r#type));
+                        let targets = registry.recipients(&event.pubsub_name, &event.topic, || Some(event.r#type.clone()));
                         let status = deliver_to_all(&pipeline, &targets, envelope(&event).into(), Some(CLOUDEVENTS_JSON.to_owned())).await;
                         let answer = SubscribeTopicEventsRequestProcessedAlpha1 { id: event.id, status: Some(TopicEventResponse { status: status_code(status) as i32 }) };
                         let _ = answers
