@@ -27,35 +27,51 @@ const KNOWN_ATTRIBUTES: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MalformedEvent {
     #[error("not a JSON object: {0}")]
+    /// The body is not a JSON object.
     NotJson(String),
     #[error("required attribute `{0}` is missing or not a non-empty string")]
+    /// A required attribute is absent or empty.
     MissingAttribute(&'static str),
     #[error("unsupported specversion `{0}` (only 1.0 is accepted)")]
+    /// Another CloudEvents version.
     UnsupportedSpecVersion(String),
     #[error("attribute `{0}` must be a string")]
+    /// An attribute that must be a string is not.
     NotAString(&'static str),
     #[error("`data_base64` is not valid base64: {0}")]
+    /// `data_base64` does not decode.
     BadBase64(String),
     #[error("both `data` and `data_base64` are present")]
+    /// The payload is given twice.
     BothDataForms,
 }
 
 /// One event, parsed. Field names follow the CloudEvents attributes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CloudEvent {
+    /// `id`: with `source`, the event's identity.
     pub id: String,
+    /// `source`: who produced it.
     pub source: String,
+    /// `type`: what kind of event it is.
     pub ty: String,
+    /// `specversion`: always 1.0.
     pub specversion: String,
+    /// `subject`, if given.
     pub subject: Option<String>,
+    /// `time`, if given (RFC 3339 text, as sent).
     pub time: Option<String>,
+    /// `datacontenttype`, if given.
     pub datacontenttype: Option<String>,
     /// The payload bytes: JSON payloads as their JSON text.
     pub data: Vec<u8>,
     /// The payload as JSON, when it is JSON (used for content-derived ids).
     pub data_json: Option<Value>,
+    /// Extension attributes, as text, in the envelope's order.
     pub extensions: Vec<(String, String)>,
+    /// The topic it arrived on.
     pub topic: String,
+    /// The pub/sub component it arrived through.
     pub pubsubname: String,
     /// The event as it arrived, for dead-lettering it unchanged.
     pub original: Map<String, Value>,
@@ -72,7 +88,8 @@ impl CloudEvent {
         Self::from_object(object, pubsubname, topic)
     }
 
-    fn from_object(object: Map<String, Value>, pubsubname: &str, topic: &str) -> Result<Self, MalformedEvent> {
+    /// Checks an already-parsed JSON object as a structured CloudEvent.
+    pub fn from_object(object: Map<String, Value>, pubsubname: &str, topic: &str) -> Result<Self, MalformedEvent> {
         let required = |name: &'static str| match object.get(name) {
             Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
             _ => Err(MalformedEvent::MissingAttribute(name)),

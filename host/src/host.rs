@@ -1,9 +1,12 @@
-//! Assembling a host: store, runtime, handlers, pipeline, broker side and
-//! background tasks, started together and stopped together.
+//! Assembling a host: store, runtime, handlers, pipeline, the delivery door,
+//! the transports and the background tasks, started together and stopped
+//! together.
 //!
-//! Two backends: the embedded one (in-process broker, redb store; no Dapr
+//! Two backends: the embedded one (in-process broker and store; no Dapr
 //! needed) and Dapr (a sidecar delivers events to the app routes; the store
-//! and publishes go through the sidecar).
+//! and publishes go through the sidecar). The parts only ever point down
+//! the pipeline: transports hold the door, the door holds the pipeline, the
+//! pipeline holds the store and a publisher; nothing points back.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -11,23 +14,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::Bytes;
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::Publisher;
-use crate::broker::embedded::{self, EmbeddedBroker};
-use crate::dapr::streaming::StreamingSubscriptions;
-use crate::dapr::{DaprStore, Sidecar};
-use crate::deploy::Deployer;
-use crate::watch;
+use crate::clock::{self, SharedClock};
+use crate::control::deploy::Deployer;
+use crate::control::registry::Registry;
+use crate::control::watch;
+use crate::delivery::{Delivery, Door};
 use crate::manifest::Manifest;
-use crate::pipeline::Pipeline;
-use crate::registry::Registry;
-use crate::relay::{self, RelayTrigger};
+use crate::outbox::Publisher;
+use crate::outbox::relay::{self, RelayTrigger};
+use crate::pipeline::dead_letter::DeadLetter;
+use crate::pipeline::outcome::DaprStatus;
+use crate::pipeline::{EventReport, Pipeline, PipelineParts};
 use crate::runtime::{EngineConfig, Runtime};
-use crate::server::{self, AppState};
-use crate::store::{DeliveryStore, EmbeddedStore};
+use crate::server::{self, admin::AdminState};
+use crate::sidecar::Sidecar;
+use crate::store::{DaprStore, DeliveryStore, EmbeddedStore, MemoryQueue, MessageQueue, QueueLimits};
+use crate::transport::dapr_streaming::StreamingSubscriptions;
+use crate::transport::embedded::{self, EmbeddedBroker, PublishError};
+use crate::transport::{dapr_app, publish_api};
 
 /// How often expired idempotency records are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
@@ -44,7 +54,9 @@ pub enum Backend {
     /// A Dapr sidecar: events arrive on the app routes; records live in
     /// the Dapr state store `state_store`.
     Dapr {
+        /// The sidecar's HTTP address.
         sidecar_url: String,
+        /// The Dapr state store component for the host's records.
         state_store: String,
         /// The sidecar's gRPC address, for streaming subscriptions to topics
         /// handlers added at runtime need; without it such topics are not
@@ -54,24 +66,40 @@ pub enum Backend {
 }
 
 /// How the host runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HostOptions {
-    /// The directory of the embedded store (`wasmsub.redb`).
+    /// The directory of the embedded store (`wasmsub.redb`) and the
+    /// compiled-component cache.
     pub data_dir: PathBuf,
+    /// The instance pool and engine settings.
     pub engine: EngineConfig,
+    /// Where events come from.
     pub backend: Backend,
     /// The admin API's bearer token; `None` disables deploys over HTTP.
     pub admin_token: Option<String>,
     /// Deploy a handler's component file when it changes on disk.
     pub watch: bool,
+    /// What the embedded broker's queue may hold before publishers get 429.
+    pub queue_limits: QueueLimits,
+    /// The clock leases and expiries are read from (tests use a manual one).
+    pub clock: SharedClock,
 }
 
 impl HostOptions {
-    /// The embedded backend with default engine settings.
+    /// The embedded backend with default settings.
     pub fn embedded(data_dir: PathBuf) -> Self {
-        Self { data_dir, engine: EngineConfig::default(), backend: Backend::Embedded, admin_token: None, watch: false }
+        Self {
+            data_dir,
+            engine: EngineConfig::default(),
+            backend: Backend::Embedded,
+            admin_token: None,
+            watch: false,
+            queue_limits: QueueLimits::default(),
+            clock: clock::system(),
+        }
     }
 
+    /// Where the embedded store's file is.
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join("wasmsub.redb")
     }
@@ -79,11 +107,12 @@ impl HostOptions {
 
 /// A running host.
 pub struct Host {
-    pub registry: Arc<Registry>,
-    pub pipeline: Arc<Pipeline>,
+    registry: Arc<Registry>,
+    pipeline: Arc<Pipeline>,
+    door: Arc<Door>,
     /// The in-process broker (embedded backend only).
-    pub broker: Option<EmbeddedBroker>,
-    pub deployer: Deployer,
+    broker: Option<EmbeddedBroker>,
+    deployer: Deployer,
     admin_token: Option<Arc<str>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -95,25 +124,18 @@ impl Host {
     pub async fn start(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<Self> {
         match &options.backend {
             Backend::Embedded => {
-                let store = Arc::new(EmbeddedStore::open(&options.store_path())?);
+                let store = Arc::new(EmbeddedStore::open_with_clock(&options.store_path(), options.clock.clone())?);
                 Self::start_with_store(manifest, options, store).await
             }
             Backend::Dapr { sidecar_url, state_store, grpc_url } => {
                 let sidecar = Sidecar::new(sidecar_url)?;
                 wait_for_sidecar(&sidecar).await?;
-                let store = Arc::new(DaprStore::new(sidecar.clone(), state_store));
-                let mut host = Self::assemble(manifest, options, store, Some(Arc::new(sidecar))).await?;
-                if let Some(grpc_url) = grpc_url {
-                    let streams = StreamingSubscriptions::new(
-                        grpc_url.clone(),
-                        host.registry.clone(),
-                        host.pipeline.clone(),
-                        host.tasks.clone(),
-                        host.shutdown.clone(),
-                    );
-                    host.deployer = host.deployer.with_topic_hook(Arc::new(move |pubsub: &str, topic: &str| streams.ensure(pubsub, topic)));
-                }
-                Ok(host)
+                let store = Arc::new(DaprStore::new(sidecar.clone(), state_store, options.clock.clone()));
+                let host = Self::assemble(manifest, options, store, Some(Arc::new(sidecar))).await?;
+                Ok(match grpc_url {
+                    Some(grpc_url) => host.with_streaming(grpc_url.clone()),
+                    None => host,
+                })
             }
         }
     }
@@ -125,58 +147,117 @@ impl Host {
 
     /// `publisher` is the sidecar, or `None` for the embedded broker.
     async fn assemble(manifest: &Manifest, options: &HostOptions, store: Arc<dyn DeliveryStore>, publisher: Option<Arc<dyn Publisher>>) -> anyhow::Result<Self> {
-        let mut engine_config = options.engine.clone();
-        let largest_memory = manifest.tenants.iter().map(|t| t.limits.memory_mib as usize * 1024 * 1024).max().unwrap_or(0);
-        engine_config.max_memory_bytes = engine_config.max_memory_bytes.max(largest_memory);
-        engine_config.consume_fuel |= manifest.tenants.iter().any(|t| t.limits.fuel.is_some());
-        if engine_config.cache_dir.is_none() {
-            engine_config.cache_dir = Some(options.data_dir.join("compiled"));
-        }
-        check_concurrency_fits(manifest, &engine_config)?;
+        let engine_config = engine_config_for(manifest, options)?;
         let runtime = Runtime::new(&engine_config)?;
         // Compiling components is CPU work: keep it off the async threads.
         let registry = {
             let (manifest, runtime) = (manifest.clone(), runtime.clone());
             Arc::new(tokio::task::spawn_blocking(move || Registry::load(&manifest, &runtime)).await??)
         };
-        let trigger = RelayTrigger::default();
-        let deployer = Deployer::new(registry.clone(), runtime.clone());
-        let pipeline = Arc::new(Pipeline::new(store.clone(), runtime, trigger.clone(), manifest.idempotency.clone()));
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let (publisher, broker) = match publisher {
+        let (publisher, embedded) = match publisher {
             Some(publisher) => (publisher, None),
             None => {
-                let (broker, queue) = EmbeddedBroker::new(registry.clone(), pipeline.clone());
-                tasks.spawn(embedded::run_dispatcher(queue, registry.clone(), pipeline.clone(), tasks.clone(), shutdown.clone()));
-                (Arc::new(broker.clone()) as Arc<dyn Publisher>, Some(broker))
+                let queue: Arc<dyn MessageQueue> = Arc::new(MemoryQueue::new(options.queue_limits));
+                let broker = EmbeddedBroker::new(queue.clone(), registry.clone(), options.clock.clone());
+                (Arc::new(broker.clone()) as Arc<dyn Publisher>, Some((broker, queue)))
             }
         };
-        pipeline.set_publisher(publisher.clone());
-        tasks.spawn(relay::run(store.clone(), publisher, trigger.clone(), shutdown.clone()));
+        let relay_trigger = RelayTrigger::default();
+        let pipeline = Arc::new(Pipeline::new(PipelineParts {
+            store: store.clone(),
+            runtime: runtime.clone(),
+            publisher: publisher.clone(),
+            relay: relay_trigger.clone(),
+            idempotency: manifest.idempotency.clone(),
+            clock: options.clock.clone(),
+        }));
+        let door = Arc::new(Door::new(registry.clone(), pipeline.clone()));
+        let broker = embedded.map(|(broker, queue)| {
+            let in_flight = engine_config.instance_slots as usize;
+            tasks.spawn(embedded::run_dispatcher(queue, door.clone(), in_flight, options.clock.clone(), tasks.clone(), shutdown.clone()));
+            broker
+        });
+        tasks.spawn(relay::run(store.clone(), publisher, relay_trigger.clone(), shutdown.clone()));
         tasks.spawn(purge_expired(store, shutdown.clone()));
+        let deployer = Deployer::new(registry.clone(), runtime);
         if options.watch {
-            let (registry, deployer, shutdown) = (registry.clone(), deployer.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                if let Err(error) = watch::run(registry, deployer, shutdown).await {
-                    tracing::error!(error = %format!("{error:#}"), "component file watcher stopped; deploy through the admin API");
-                }
-            });
+            tasks.spawn(watch::start(registry.clone(), deployer.clone(), shutdown.clone())?);
         }
         // Entries a previous run committed but did not publish go out now.
-        trigger.poke();
+        relay_trigger.poke();
         let admin_token = options.admin_token.as_deref().map(Arc::from);
-        Ok(Self { registry, pipeline, broker, deployer, admin_token, tasks, shutdown })
+        Ok(Self { registry, pipeline, door, broker, deployer, admin_token, tasks, shutdown })
     }
 
+    /// Behind Dapr: topics that handlers deployed at runtime need are
+    /// delivered through streaming subscriptions on `grpc_url`.
+    fn with_streaming(mut self, grpc_url: String) -> Self {
+        let streams = StreamingSubscriptions::new(grpc_url, &self.registry, self.door.clone(), self.tasks.clone(), self.shutdown.clone());
+        self.deployer = self.deployer.with_topic_hook(Arc::new(move |pubsub: &str, topic: &str| streams.ensure(pubsub, topic)));
+        self
+    }
+
+    /// Every HTTP route: the host's own and its transports'.
     pub fn router(&self) -> axum::Router {
-        server::router(AppState {
+        let admin = AdminState {
             registry: self.registry.clone(),
             pipeline: self.pipeline.clone(),
-            broker: self.broker.clone(),
             deployer: self.deployer.clone(),
             admin_token: self.admin_token.clone(),
-        })
+        };
+        // The app routes serve both backends, so the embedded host also
+        // answers deliveries in Dapr's shape; Dapr's publish API is the
+        // embedded broker's (with a sidecar, publish to the sidecar).
+        let mut transports = dapr_app::routes(self.registry.clone(), self.door.clone());
+        if let Some(broker) = &self.broker {
+            transports = transports.merge(publish_api::routes(broker.clone()));
+        }
+        server::router(admin, transports)
+    }
+
+    /// Publishes through the embedded broker's publish API (as
+    /// `POST /v1.0/publish/{pubsub}/{topic}` does).
+    pub async fn publish(&self, pubsub: &str, topic: &str, body: Bytes, content_type: Option<&str>) -> Result<(), PublishError> {
+        let broker = self.broker.as_ref().expect("publish is the embedded backend's API; behind Dapr, publish to the sidecar");
+        broker.publish_api(pubsub, topic, body, content_type, false).await
+    }
+
+    /// Hands a delivery to the door, as a transport would.
+    pub async fn deliver(&self, delivery: Delivery) -> DaprStatus {
+        self.door.deliver(delivery).await
+    }
+
+    /// The door deliveries come through (for callers that spawn their own
+    /// deliveries, like the benchmarks).
+    pub fn door(&self) -> &Arc<Door> {
+        &self.door
+    }
+
+    /// Every later outcome, as it happens.
+    pub fn reports(&self) -> broadcast::Receiver<EventReport> {
+        self.pipeline.subscribe_reports()
+    }
+
+    /// The host's store.
+    pub fn store(&self) -> &Arc<dyn DeliveryStore> {
+        self.pipeline.store()
+    }
+
+    /// Recent dead letters, newest last.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.pipeline.dead_letters()
+    }
+
+    /// Deploys and rollbacks.
+    pub fn deployer(&self) -> &Deployer {
+        &self.deployer
+    }
+
+    /// The version serving a handler now.
+    pub fn current_version(&self, tenant: &str, handler: &str) -> Option<String> {
+        self.registry.find(tenant, handler).map(|h| h.current().version.clone())
     }
 
     /// Stops background work and waits (bounded) for deliveries in progress.
@@ -187,6 +268,21 @@ impl Host {
             tracing::warn!("deliveries still running after {DRAIN_TIMEOUT:?}; stopping anyway");
         }
     }
+}
+
+/// The engine settings the manifest needs: memory slots as large as the
+/// largest tenant's, fuel metering if any tenant has a fuel limit, the
+/// compile cache under the data directory.
+fn engine_config_for(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<EngineConfig> {
+    let mut config = options.engine.clone();
+    let largest_memory = manifest.tenants.iter().map(|t| t.limits.memory_mib as usize * 1024 * 1024).max().unwrap_or(0);
+    config.max_memory_bytes = config.max_memory_bytes.max(largest_memory);
+    config.consume_fuel |= manifest.tenants.iter().any(|t| t.limits.fuel.is_some());
+    if config.cache_dir.is_none() {
+        config.cache_dir = Some(options.data_dir.join("compiled"));
+    }
+    check_concurrency_fits(manifest, &config)?;
+    Ok(config)
 }
 
 /// Each tenant's concurrency must fit the instance pool: a tenant allowed
@@ -221,14 +317,13 @@ async fn wait_for_sidecar(sidecar: &Sidecar) -> anyhow::Result<()> {
 }
 
 /// Loads every component the manifest names, as start-up would, and reports
-/// the first that cannot serve.
-/// Returns how many handlers loaded.
+/// the first that cannot serve. Returns how many handlers loaded.
 pub fn check(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<usize> {
     let runtime = Runtime::new(&options.engine)?;
     let registry = Registry::load(manifest, &runtime)?;
     let handlers = registry.handlers();
     for handler in &handlers {
-        tracing::info!(tenant = %handler.tenant.name, handler = %handler.name, version = %handler.current().version, "ok");
+        tracing::info!(tenant = %handler.tenant.name, handler = %handler.name, handler.version = %handler.current().short_version(), "ok");
     }
     Ok(handlers.len())
 }

@@ -2,50 +2,42 @@
 //!
 //! An event's path through the host, one module per stage:
 //!
-//! - [`receive`]: bytes → [`cloudevent::CloudEvent`] (size limit, parsing);
-//! - [`dedupe`]: which id makes two deliveries the same event;
-//! - [`store`]: claims with leases, tenant state and the outbox, committed
-//!   together ([`store::EmbeddedStore`] on disk);
-//! - [`runtime`]: dispatch, one attempt on a fresh sandboxed instance;
-//! - [`effects`]: an attempt's state writes and publishes, held back until it
-//!   succeeds;
-//! - [`retry`]: the backoff policy (a pure `next_delay`);
-//! - [`outcome`]: how a delivery ended and what Dapr is answered;
-//! - [`dead_letter`]: the message for the dead-letter topic;
-//! - [`relay`]: publishes committed outbox entries;
-//! - [`pipeline`]: the stages above, in order, for one delivery.
+//! - [`transport`]: how events arrive (Dapr's app routes, single and bulk;
+//!   Dapr streaming subscriptions; the embedded broker's queue). Each turns
+//!   what it received into a [`Delivery`];
+//! - [`delivery`]: the one door every delivery comes through: parse once,
+//!   route (rules, fan-out), combine the answers;
+//! - [`pipeline`]: one event and one handler, stage by stage: `receive` →
+//!   `dedupe` (claim) → `dispatch` (one attempt on a fresh instance) →
+//!   `retry` → `commit` → `outcome` or `dead_letter`;
+//! - [`runtime`]: the WebAssembly side (wasmtime, the WIT bindings, limits);
+//! - [`store`]: claims with leases, tenant state, the outbox and the
+//!   embedded queue, committed together;
+//! - [`outbox`]: where committed messages go, and the relay that retries them.
 //!
-//! Around it: [`manifest`] (the `wasmsub.toml` file), [`registry`] (tenants,
-//! handlers and their current versions), [`broker`] (the embedded pub/sub),
-//! [`dapr`] (the sidecar client, the Dapr state store and the app routes),
-//! [`deploy`] (hot swap and rollback), [`watch`] (deploy on file change),
-//! [`server`] (HTTP routes), [`host`] (assembly), [`client`] (the CLI's HTTP
-//! calls), [`demo`] and [`bench`].
+//! Around it: [`control`] (handlers, versions, deploys), [`manifest`] (the
+//! `wasmsub.toml` file), [`server`] (HTTP), [`host`] (assembly), [`clock`]
+//! (the time seam tests control), [`sidecar`] (Dapr's HTTP API) and [`cli`]
+//! (the command's client and demo).
+#![deny(missing_docs)]
 
-pub mod bench;
-pub mod broker;
-pub mod client;
+pub mod cli;
+pub mod clock;
 pub mod cloudevent;
-pub mod dapr;
-pub mod dead_letter;
-pub mod dedupe;
-pub mod demo;
-pub mod deploy;
-pub mod effects;
-pub mod host;
+pub mod control;
+pub mod delivery;
+mod host;
 pub mod manifest;
-pub mod outcome;
+pub mod outbox;
 pub mod pipeline;
-pub mod receive;
-pub mod registry;
-pub mod relay;
-pub mod retry;
 pub mod runtime;
 pub mod server;
+pub mod sidecar;
 pub mod store;
-pub mod watch;
+pub mod transport;
 
-pub use host::{Backend, Host, HostOptions};
+pub use delivery::{Delivery, Destination, Door};
+pub use host::{Backend, Host, HostOptions, check, run};
 pub use manifest::Manifest;
-pub use outcome::{DaprStatus, Outcome};
 pub use pipeline::EventReport;
+pub use pipeline::outcome::{DaprStatus, DuplicateOf, Outcome};

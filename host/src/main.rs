@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use wasmsub::{Backend, HostOptions, Manifest, client, demo, runtime::EngineConfig};
+use wasmsub::cli::{client, demo};
+use wasmsub::runtime::EngineConfig;
+use wasmsub::{Backend, HostOptions, Manifest};
 
 /// Run sandboxed WebAssembly event handlers next to a Dapr sidecar.
 ///
@@ -110,37 +112,6 @@ enum Command {
         #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
         url: String,
     },
-    /// Measure the per-event cost of a handler (default: echo) side by side:
-    /// native function, reused instance, fresh instance, whole pipeline.
-    Bench {
-        #[arg(long, default_value = "target/guests/echo.wasm")]
-        component: PathBuf,
-        /// Events per row.
-        #[arg(long, default_value_t = 20_000)]
-        events: usize,
-    },
-    /// Measure isolation between tenants: a quiet tenant's latency beside a
-    /// hostile one, and host memory with many tenants loaded.
-    BenchTenants {
-        /// Directory of the built guests (scripts/build-guests.sh).
-        #[arg(long, default_value = "target/guests")]
-        guests: PathBuf,
-        /// Quiet tenant's events per measurement.
-        #[arg(long, default_value_t = 2_000)]
-        events: usize,
-        /// Tenants to load for the memory figure.
-        #[arg(long, default_value_t = 1_000)]
-        tenants: usize,
-    },
-    /// Measure hot swapping: cold start with and without the compile cache,
-    /// deploy-to-first-event, throughput while swapping.
-    BenchSwap {
-        #[arg(long, default_value = "target/guests")]
-        guests: PathBuf,
-        /// Handlers for the cold-start rows.
-        #[arg(long, default_value_t = 100)]
-        handlers: usize,
-    },
     /// Run the todo demo in-process: sample events, a duplicate, a flaky and a
     /// poison one, and what happened to each.
     Demo {
@@ -197,7 +168,7 @@ impl HostArgs {
     fn load(&self) -> anyhow::Result<(Manifest, HostOptions)> {
         let manifest = Manifest::load(&self.manifest)?;
         let engine = EngineConfig { instance_slots: self.instance_slots, ..EngineConfig::default() };
-        let options = HostOptions { data_dir: self.data_dir.clone(), engine, backend: Backend::Embedded, admin_token: None, watch: false };
+        let options = HostOptions { engine, ..HostOptions::embedded(self.data_dir.clone()) };
         Ok((manifest, options))
     }
 }
@@ -240,11 +211,11 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             };
             tracing::info!(backend = ?options.backend, %listen, "starting");
             let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-            wasmsub::host::run(listener, manifest, options, shutdown_signal()).await
+            wasmsub::run(listener, manifest, options, shutdown_signal()).await
         }
         Command::Check { host } => {
             let (manifest, options) = host.load()?;
-            let handlers = wasmsub::host::check(&manifest, &options)?;
+            let handlers = wasmsub::check(&manifest, &options)?;
             println!("{}: manifest OK, {handlers} handler(s) loaded", host.manifest.display());
             Ok(())
         }
@@ -268,13 +239,6 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::Rollback { target } => client::rollback(&target.url, &target.token, &target.tenant, &target.handler).await,
         Command::Status { url } => client::print_status(&url).await,
-        Command::Bench { component, events } => wasmsub::bench::run(&component, events, &mut std::io::stdout()).await,
-        Command::BenchTenants { guests, events, tenants } => {
-            let mut out = std::io::stdout();
-            wasmsub::bench::tenants::noisy_neighbour(&guests, events, &mut out).await?;
-            wasmsub::bench::tenants::many_tenants(&guests, tenants, &mut out).await
-        }
-        Command::BenchSwap { guests, handlers } => wasmsub::bench::swap::run(&guests, handlers, &mut std::io::stdout()).await,
         Command::Demo { manifest } => demo::run(&manifest, &mut std::io::stdout()).await,
     }
 }

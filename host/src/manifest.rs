@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::dedupe::IdMode;
-use crate::retry::RetryPolicy;
+use crate::pipeline::dedupe::IdMode;
+use crate::pipeline::retry::RetryPolicy;
 
 /// Seven days: long enough to outlast any broker's redelivery of the same
 /// message (Dapr's Redis and Kafka components redeliver within minutes), short
@@ -46,8 +46,10 @@ pub const DEFAULT_PUBSUB: &str = "pubsub";
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     #[serde(default)]
+    /// How events are remembered and guarded.
     pub idempotency: IdempotencyConfig,
     #[serde(default, rename = "tenant")]
+    /// The tenants (`[[tenant]]` tables).
     pub tenants: Vec<TenantConfig>,
 }
 
@@ -73,8 +75,10 @@ impl Default for IdempotencyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
+    /// The tenant's name: routes, logs and keys carry it.
     pub name: String,
     #[serde(default)]
+    /// What its handlers may consume.
     pub limits: TenantLimits,
     /// What the tenant's handlers may reach beyond the handler world.
     #[serde(default)]
@@ -82,6 +86,7 @@ pub struct TenantConfig {
     /// Where the tenant's state lives in the store; default: the tenant's name.
     pub state_namespace: Option<String>,
     #[serde(rename = "handler")]
+    /// Its handlers (`[[tenant.handler]]` tables).
     pub handlers: Vec<HandlerConfig>,
 }
 
@@ -139,6 +144,7 @@ pub struct DirGrant {
 }
 
 impl TenantConfig {
+    /// Where the tenant's state lives: `state_namespace`, or its name.
     pub fn state_namespace(&self) -> &str {
         self.state_namespace.as_deref().unwrap_or(&self.name)
     }
@@ -164,19 +170,24 @@ impl Default for TenantLimits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HandlerConfig {
+    /// The handler's name within its tenant.
     pub name: String,
     /// Path of the `.wasm` component, relative to the manifest's directory.
     pub component: PathBuf,
     #[serde(default = "default_pubsub")]
+    /// The Dapr pub/sub component it subscribes through.
     pub pubsub: String,
+    /// The topic it handles.
     pub topic: String,
     /// The HTTP route Dapr delivers to; default `/events/{tenant}/{handler}`.
     pub route: Option<String>,
     /// Where failed events go; default `{topic}-dead-letter`.
     pub dead_letter_topic: Option<String>,
     #[serde(default)]
+    /// Which id makes two deliveries the same event.
     pub id_mode: IdMode,
     #[serde(default)]
+    /// Attempts and waits between them.
     pub retry: RetryPolicy,
     /// Ask Dapr to deliver payloads without a CloudEvent envelope (Dapr's
     /// `rawPayload`); the host wraps them, with a content-derived id.
@@ -230,10 +241,12 @@ impl HandlerConfig {
         }
     }
 
+    /// The app route Dapr delivers its events to.
     pub fn route(&self, tenant: &str) -> String {
         self.route.clone().unwrap_or_else(|| format!("/events/{tenant}/{}", self.name))
     }
 
+    /// Where its failed events go.
     pub fn dead_letter_topic(&self) -> String {
         self.dead_letter_topic.clone().unwrap_or_else(|| format!("{}-dead-letter", self.topic))
     }
@@ -395,11 +408,23 @@ fn check_name(what: &str, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_topic(what: &str, topic: &str) -> anyhow::Result<()> {
-    if topic.is_empty() || topic.len() > 255 || topic.contains(['/', ' ', '\n']) {
-        bail!("{what} `{topic}` must be 1 to 255 characters with no `/` or whitespace");
+/// The one topic-name rule, for topics in the manifest, topics a guest
+/// publishes to, and topics of the publish API. Topic names go into URLs,
+/// logs and broker names (Kafka allows `[a-zA-Z0-9._-]`): 1 to 255
+/// printable ASCII characters, none of `/ ? # %` or whitespace.
+pub fn check_topic_name(topic: &str) -> Result<(), String> {
+    let ok = !topic.is_empty()
+        && topic.len() <= 255
+        && topic.bytes().all(|b| b.is_ascii_graphic() && !b"/?#%".contains(&b));
+    if !ok {
+        let shown: String = topic.escape_debug().take(80).collect();
+        return Err(format!("topic `{shown}` must be 1 to 255 printable ASCII characters without whitespace, `/`, `?`, `#` or `%`"));
     }
     Ok(())
+}
+
+fn check_topic(what: &str, topic: &str) -> anyhow::Result<()> {
+    check_topic_name(topic).map_err(|why| anyhow::anyhow!("{what}: {why}"))
 }
 
 #[cfg(test)]

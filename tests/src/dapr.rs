@@ -289,8 +289,8 @@ impl DaprClient {
     /// A tenant's state value, read through Dapr's state API the way any
     /// other Dapr app would (wasmsub stores text as a JSON string).
     pub async fn tenant_state(&self, tenant: &str, key: &str) -> Option<String> {
-        let scoped = format!("wasmsub|state|{}:{tenant}|{key}", tenant.len());
-        let url = format!("{}/v1.0/state/statestore/{}", self.base, scoped.replace('|', "%7C"));
+        let scoped = wasmsub::store::keys::dapr_state_key(tenant, key);
+        let url = format!("{}/v1.0/state/statestore/{}", self.base, wasmsub::sidecar::path_segment(&scoped));
         let response = self.http.get(url).send().await.ok()?;
         if response.status() != 200 {
             return None;

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
-use wasmsub::broker::embedded::PublishError;
 use wasmsub::cloudevent::CLOUDEVENTS_JSON;
-use wasmsub::{DaprStatus, Host, EventReport, HostOptions, Manifest};
+use wasmsub::transport::embedded::PublishError;
+use wasmsub::{DaprStatus, EventReport, Host, HostOptions, Manifest};
 
 pub mod dapr;
 
@@ -82,13 +82,13 @@ impl TestHost {
         let manifest = Manifest::parse(manifest, Path::new("/"))?;
         let options = HostOptions::embedded(data_dir.path().to_owned());
         let host = Host::start(&manifest, &options).await?;
-        let reports = host.pipeline.subscribe_reports();
+        let reports = host.reports();
         Ok(Self { host, reports, data_dir })
     }
 
     /// Publishes a CloudEvent to `topic` of pub/sub `pubsub`.
     pub async fn publish(&self, topic: &str, event: &Value) -> Result<(), PublishError> {
-        self.host.broker.as_ref().expect("embedded backend").publish_api("pubsub", topic, event.to_string().into(), Some(CLOUDEVENTS_JSON), false).await
+        self.host.publish("pubsub", topic, event.to_string().into(), Some(CLOUDEVENTS_JSON)).await
     }
 
     /// The next report that settles a delivery (not a "retry later").
@@ -114,7 +114,7 @@ impl TestHost {
 
     /// Tenant `acme`'s committed value of `key`, as text.
     pub async fn state(&self, key: &str) -> Option<String> {
-        let value = self.host.pipeline.store().get_state("acme", key).await.expect("reading state");
+        let value = self.host.store().get_state("acme", key).await.expect("reading state");
         value.map(|v| String::from_utf8(v).expect("utf-8 state"))
     }
 
@@ -141,5 +141,32 @@ impl TestHost {
 /// makes its bytes (and so its sha256 version) distinct.
 pub fn component_variant(path: &str, n: usize) -> Vec<u8> {
     let bytes = std::fs::read(path).expect("reading a guest component");
-    wasmsub::bench::tenants::with_custom_section(&bytes, &format!("wasmsub-test-variant-{n}"))
+    with_custom_section(&bytes, &format!("wasmsub-test-variant-{n}"))
 }
+
+/// Appends a custom section (id 0) to a component: same code, new bytes
+/// (a new version, as far as the host can tell). Tests and benchmarks use it.
+pub fn with_custom_section(component: &[u8], name: &str) -> Vec<u8> {
+    let mut payload = Vec::new();
+    leb128(&mut payload, name.len() as u64);
+    payload.extend_from_slice(name.as_bytes());
+    let mut bytes = component.to_vec();
+    bytes.push(0);
+    leb128(&mut bytes, payload.len() as u64);
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+fn leb128(out: &mut Vec<u8>, mut value: u64) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+

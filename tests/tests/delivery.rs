@@ -3,7 +3,7 @@
 
 use serde_json::json;
 use wasmsub::Outcome;
-use wasmsub::outcome::DuplicateOf;
+use wasmsub::DuplicateOf;
 use wasmsub_tests::{HandlerSpec, TestHost, cloud_event, guests, manifest_text};
 
 fn recorder_manifest(extra: &str) -> String {
@@ -88,5 +88,7 @@ async fn the_todo_handler_stores_the_task_and_publishes_an_audit_event() {
     let audit = host.next_settled().await;
     assert_eq!((audit.handler.as_str(), audit.topic.as_str()), ("audit", "task-audit"));
     // The audit event's id is derived from the original event's key: stable.
+    let key = wasmsub::store::DedupeKey { tenant: "acme".into(), handler: "task-created".into(), event_id: "t-7".into() };
+    assert_eq!(audit.event_id, wasmsub::pipeline::commit::outgoing_id(&key.encoded(), 0));
     assert_eq!(host.state(&format!("count:{}", audit.event_id)).await.as_deref(), Some("1"));
 }

@@ -31,11 +31,31 @@ async fn the_publish_api_accepts_refuses_and_keeps_serving() {
         http.post(format!("{base}/v1.0/publish/pubsub/{topic}")).header("content-type", content_type).body(body).send()
     };
 
-    // A malformed CloudEvent: a client error, and the payload is dead-lettered.
-    let response = publish("orders", "application/cloudevents+json", r#"{"specversion":"1.0","type":"x"}"#.into()).await.unwrap();
+    // A malformed CloudEvent: refused with a client error, as Dapr's publish
+    // API does; nothing is queued (the publisher still has it).
+    let malformed = r#"{"specversion":"1.0","type":"x"}"#;
+    let response = publish("orders", "application/cloudevents+json", malformed.into()).await.unwrap();
     assert_eq!(response.status(), 400);
     let body: Value = response.json().await.unwrap();
     assert!(body["message"].as_str().unwrap().contains("required attribute `id` is missing"), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("nothing was published"), "{body}");
+    // A bad topic name is refused too.
+    let response = publish("bad%23topic", "application/json", "{}".into()).await.unwrap();
+    assert_eq!(response.status(), 400);
+
+    // The same bytes delivered by a broker (Dapr posting to the handler's
+    // route) are dead-lettered, with the reason, and answered DROP.
+    let delivered: Value = http
+        .post(format!("{base}/events/acme/recorder"))
+        .header("content-type", "application/cloudevents+json")
+        .body(malformed)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(delivered, json!({"status": "DROP"}));
     let report = host.next_settled().await;
     assert!(matches!(&report.outcome, Outcome::DeadLettered { attempts: 0, .. }), "{report:?}");
     let malformed_id = report.event_id.clone();

@@ -34,7 +34,7 @@ async fn one_topic_fans_out_to_every_tenant_and_rules_pick_by_type() {
     let report = host.next_settled().await;
     assert_eq!((report.tenant.as_str(), report.handler.as_str()), ("acme", "cancellations"));
     assert_eq!(report.outcome, Outcome::Processed { attempts: 1 });
-    let store = host.host.pipeline.store().clone();
+    let store = host.host.store().clone();
     assert_eq!(store.get_state("globex", "count:o-1").await.unwrap(), Some(b"1".to_vec()));
     assert_eq!(store.get_state("globex", "count:c-1").await.unwrap(), None);
 }

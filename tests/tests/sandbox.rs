@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use wasmsub::Outcome;
-use wasmsub::dedupe::DedupeKey;
-use wasmsub::store::{Claim, Commit, Completion};
+use wasmsub::store::{Claim, Commit, Completion, DedupeKey};
 use wasmsub_tests::{HandlerSpec, TestHost, cloud_event, guests, manifest_text};
 
 /// Captured log output of this test binary (tracing, all levels).
@@ -137,7 +136,7 @@ async fn no_key_a_guest_passes_reaches_another_tenants_state() {
         .replace("PROBER", &format!("{:?}", guests::KEY_PROBER));
     let mut host = TestHost::start(&manifest).await.unwrap();
     // The victim's secret, committed as a handler's effect would be.
-    let store = host.host.pipeline.store().clone();
+    let store = host.host.store().clone();
     let key = DedupeKey { tenant: "victim".into(), handler: "seed".into(), event_id: "seed".into() };
     let Claim::Acquired(token) = store.claim(&key, Duration::from_secs(10)).await.unwrap() else { panic!() };
     let writes = vec![("secret".to_string(), Some(b"victim-data".to_vec()))];

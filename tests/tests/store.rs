@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::json;
-use wasmsub::dedupe::DedupeKey;
+use wasmsub::clock::ManualClock;
 use wasmsub::store::{
-    Claim, ClaimToken, Commit, Completion, DeliveryStore, DoneKind, EmbeddedStore, MemoryStore, OutboundMessage, OutboxId, StoreError,
+    Claim, ClaimToken, Commit, Completion, DedupeKey, DeliveryStore, DoneKind, EmbeddedStore, MemoryStore, OutboundMessage, OutboxId,
+    StoreError,
 };
 use wasmsub::{Host, HostOptions, Manifest, Outcome};
 use wasmsub_tests::{HandlerSpec, cloud_event, guests, manifest_text};
@@ -34,7 +35,9 @@ fn commit<'a>(claim: &'a ClaimToken, tenant: &'a str, writes: &'a [(String, Opti
     Commit { claim, completion: Completion::Processed, tenant, state_writes: writes, outbox, ttl: Duration::from_secs(60) }
 }
 
-async fn check_contract(store: &dyn DeliveryStore) {
+/// The store's contract; `clock` is the store's own, advanced instead of
+/// sleeping past leases and expiries.
+async fn check_contract(store: &dyn DeliveryStore, clock: &ManualClock) {
     let lease = Duration::from_secs(30);
     // A claim is exclusive until it is finished; then the event is done.
     let token = acquired(store.claim(&key("e1"), lease).await.unwrap());
@@ -53,7 +56,8 @@ async fn check_contract(store: &dyn DeliveryStore) {
     // A claim whose lease expired is taken over, and the old holder may no
     // longer commit.
     let short = acquired(store.claim(&key("e3"), Duration::from_millis(30)).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(matches!(store.claim(&key("e3"), lease).await.unwrap(), Claim::HeldElsewhere { .. }), "live until its lease ends");
+    clock.advance(Duration::from_millis(30));
     let taken = acquired(store.claim(&key("e3"), lease).await.unwrap());
     assert!(taken.took_over);
     let lost = store.finish(commit(&short, "acme", &[], &[])).await.unwrap_err();
@@ -70,7 +74,8 @@ async fn check_contract(store: &dyn DeliveryStore) {
     // Done markers expire with their TTL.
     let token = acquired(store.claim(&key("e4"), lease).await.unwrap());
     store.finish(Commit { ttl: Duration::from_millis(20), ..commit(&token, "acme", &[], &[]) }).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(40)).await;
+    assert_eq!(store.claim(&key("e4"), lease).await.unwrap(), Claim::AlreadyDone(DoneKind::Processed));
+    clock.advance(Duration::from_millis(20));
     assert!(store.purge_expired().await.unwrap() >= 1);
     acquired(store.claim(&key("e4"), lease).await.unwrap());
 }
@@ -80,8 +85,9 @@ async fn the_embedded_store_keeps_the_contract_and_survives_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/wasmsub.redb");
     {
-        let store = EmbeddedStore::open(&path).unwrap();
-        check_contract(&store).await;
+        let clock = ManualClock::starting_now();
+        let store = EmbeddedStore::open_with_clock(&path, clock.clone()).unwrap();
+        check_contract(&store, &clock).await;
     }
     let reopened = EmbeddedStore::open(&path).unwrap();
     assert_eq!(reopened.get_state("acme", "k").await.unwrap(), Some(b"v".to_vec()));
@@ -90,7 +96,8 @@ async fn the_embedded_store_keeps_the_contract_and_survives_reopening() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_store_keeps_the_contract() {
-    check_contract(&MemoryStore::default()).await;
+    let clock = ManualClock::starting_now();
+    check_contract(&MemoryStore::with_clock(clock.clone()), &clock).await;
 }
 
 #[tokio::test]
@@ -141,9 +148,9 @@ impl DeliveryStore for FullDisk {
 /// event with id `event_id` to `orders`.
 async fn host_publishing(store: Arc<dyn DeliveryStore>, event_id: &str) -> (Host, tokio::sync::broadcast::Receiver<wasmsub::EventReport>) {
     let host = host_on(store).await;
-    let reports = host.pipeline.subscribe_reports();
+    let reports = host.reports();
     let event = cloud_event(event_id, json!({})).to_string();
-    host.broker.as_ref().unwrap().publish_api("pubsub", "orders", event.into(), Some("application/cloudevents+json"), false).await.unwrap();
+    host.publish("pubsub", "orders", event.into(), Some("application/cloudevents+json")).await.unwrap();
     (host, reports)
 }
 
@@ -178,13 +185,18 @@ async fn a_full_disk_defers_the_event_and_it_is_processed_once_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_left_by_a_crashed_run_expires_and_the_event_runs_once() {
-    let store: Arc<dyn DeliveryStore> = Arc::new(MemoryStore::default());
+    let clock = ManualClock::starting_now();
+    let store: Arc<dyn DeliveryStore> = Arc::new(MemoryStore::with_clock(clock.clone()));
     // A run that claimed the event and died: its lease is all that is left.
     let crashed = DedupeKey { tenant: "acme".into(), handler: "recorder".into(), event_id: "c-1".into() };
-    acquired(store.claim(&crashed, Duration::from_millis(400)).await.unwrap());
+    acquired(store.claim(&crashed, Duration::from_secs(60)).await.unwrap());
     let (_host, mut reports) = host_publishing(store.clone(), "c-1").await;
+    // However long the host takes, the claim holds until its lease ends...
     let first = tokio::time::timeout(Duration::from_secs(30), reports.recv()).await.unwrap().unwrap();
     assert_eq!(first.outcome, Outcome::InFlightElsewhere);
+    assert_eq!(store.get_state("acme", "count:c-1").await.unwrap(), None);
+    // ...and once it has, the redelivery takes the event over and runs it.
+    clock.advance(Duration::from_secs(60));
     loop {
         let report = tokio::time::timeout(Duration::from_secs(30), reports.recv()).await.unwrap().unwrap();
         if report.outcome == (Outcome::Processed { attempts: 1 }) {

@@ -1,5 +1,7 @@
 //! The host side of the WIT contract: the one `bindgen!` of the host.
 //! Everything else imports the generated types through the re-exports below.
+//! (The generated items are documented in `wit/handler.wit`.)
+#![allow(missing_docs)]
 
 wasmtime::component::bindgen!({
     world: "handler",

@@ -16,6 +16,7 @@ use super::host_state::AttemptState;
 pub struct HandlerComponent {
     /// sha256 of the component bytes, in hex: the version's identity.
     pub version: String,
+    /// Where it came from (a file, or an upload's description).
     pub path: PathBuf,
     pub(super) pre: HandlerPre<AttemptState>,
 }
@@ -31,11 +32,29 @@ impl HandlerComponent {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read component {path}")]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The file could not be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
     #[error("component {path} is not a valid WebAssembly component: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    /// The bytes are not a component wasmtime accepts.
+    Invalid {
+        /// Where the bytes came from.
+        path: PathBuf,
+        /// What wasmtime said.
+        reason: String,
+    },
     #[error("component {path} does not target the world {HANDLER_WORLD}: {reason}")]
-    WrongWorld { path: PathBuf, reason: String },
+    /// A component, but not of the handler world.
+    WrongWorld {
+        /// Where the bytes came from.
+        path: PathBuf,
+        /// The import or export that does not fit.
+        reason: String,
+    },
 }
 
 pub fn load(engine: &Engine, linker: &Linker<AttemptState>, cache: Option<&CompileCache>, path: &Path) -> Result<HandlerComponent, LoadError> {

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{GuestLogLevel, log, publisher, state, types};
-use crate::effects::{Effects, PendingPublish};
-use crate::manifest::Capabilities;
+use super::limits::GuestLimiter;
+use crate::manifest::{Capabilities, check_topic_name};
+use crate::pipeline::effects::{self, Effects, PendingPublish};
 use crate::store::DeliveryStore;
 
 /// Longest single log line kept; longer lines are cut.
@@ -23,17 +23,25 @@ pub const MAX_STDIO_BYTES: usize = 16 * 1024;
 /// Who the attempt runs for, and what it may touch.
 #[derive(Clone)]
 pub struct AttemptContext {
+    /// The tenant.
     pub tenant: Arc<str>,
     /// The tenant's state namespace in the store.
     pub namespace: Arc<str>,
+    /// The handler.
     pub handler: Arc<str>,
+    /// The version's short hash, for logs.
     pub version: Arc<str>,
+    /// The event's id, for logs.
     pub event_id: Arc<str>,
+    /// Where committed state is read from.
     pub store: Arc<dyn DeliveryStore>,
     /// Topics the tenant may publish to (`*` for any).
     pub publish_topics: Arc<[String]>,
+    /// WASI capabilities granted beyond the default-deny.
     pub capabilities: Arc<Capabilities>,
+    /// Linear memory limit, in bytes.
     pub memory_bytes: usize,
+    /// Table size limit, in elements.
     pub table_elements: usize,
     /// Log bytes per attempt, log lines and stdio together.
     pub max_log_bytes: usize,
@@ -46,7 +54,7 @@ pub struct AttemptContext {
 pub struct AttemptState {
     pub(super) ctx: AttemptContext,
     pub(super) effects: Effects,
-    pub(super) limits: StoreLimits,
+    pub(super) limits: GuestLimiter,
     /// Set when a host call failed for a reason that is the host's, not the
     /// guest's (the store was down): the attempt is then not held against
     /// the guest's retry budget.
@@ -64,14 +72,7 @@ impl AttemptState {
         let stdout = MemoryOutputPipe::new(MAX_STDIO_BYTES);
         let stderr = MemoryOutputPipe::new(MAX_STDIO_BYTES);
         let wasi = wasi_context(&ctx.capabilities, &stdout, &stderr);
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(ctx.memory_bytes)
-            .table_elements(ctx.table_elements)
-            .instances(crate::runtime::engine::MAX_INSTANCES_PER_STORE)
-            // A failed memory.grow becomes a trap that names the limit,
-            // instead of an allocator abort the guest reports as "unreachable".
-            .trap_on_grow_failure(true)
-            .build();
+        let limits = GuestLimiter::new(ctx.memory_bytes, ctx.table_elements);
         Self {
             ctx,
             effects: Effects::default(),
@@ -87,9 +88,7 @@ impl AttemptState {
     }
 
     fn check_publish_topic(&self, topic: &str) -> Result<(), String> {
-        if topic.is_empty() || topic.len() > 255 || topic.contains(['/', ' ', '\n']) {
-            return Err(format!("topic `{topic}` is not a valid topic name"));
-        }
+        check_topic_name(topic)?;
         let allowed = &self.ctx.publish_topics;
         if allowed.iter().any(|t| t == "*" || t == topic) {
             return Ok(());
@@ -173,7 +172,7 @@ impl log::Host for AttemptState {
 
 impl state::Host for AttemptState {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, String> {
-        crate::effects::check_key(&key)?;
+        effects::check_key(&key)?;
         if let Some(buffered) = self.effects.buffered_read(&key) {
             return Ok(buffered.map(<[u8]>::to_vec));
         }

@@ -11,7 +11,7 @@ use super::bindings::{Disposition, Event};
 use super::component::HandlerComponent;
 use super::engine::deadline_ticks;
 use super::host_state::{AttemptContext, AttemptState};
-use crate::effects::Effects;
+use crate::pipeline::effects::Effects;
 
 /// A guest's `retry`/`drop` reason, and a trap's, is kept to this many bytes:
 /// it travels in logs and dead-letter messages, and a guest must not be able
@@ -117,30 +117,29 @@ fn forward_stdio(state: &mut AttemptState) {
     }
 }
 
-/// A failure to instantiate is the host's (pool exhausted) unless it is a
-/// limit the guest's own start-up hit (memory, a trap in its start function).
+/// A failure to instantiate is the host's (pool exhausted) unless the
+/// guest's own start-up hit a limit or trapped.
 fn instantiate_failure(store: &Store<AttemptState>, error: wasmtime::Error) -> AttemptResult {
-    let state = store.data();
-    if error.downcast_ref::<Trap>().is_some() || format!("{error:#}").contains("forcing trap") {
-        let memory_mib = state.ctx.memory_bytes / (1024 * 1024);
-        return AttemptResult::Trapped(format!("instantiation failed (memory limit {memory_mib} MiB): {error:#}"));
+    if let Some(hit) = store.data().limits.hit {
+        return AttemptResult::Trapped(format!("instantiation failed: {hit}"));
+    }
+    if error.downcast_ref::<Trap>().is_some() {
+        return AttemptResult::Trapped(format!("instantiation trapped: {}", first_line(&error)));
     }
     AttemptResult::Infrastructure(format!("cannot instantiate: {error:#}"))
 }
 
-/// Names the limit or trap in words an operator can act on.
+/// Names the limit or trap in words an operator can act on: the limit the
+/// limiter recorded, the trap's kind, then what the guest wrote to stderr
+/// (a panic message).
 fn trap_reason(error: &wasmtime::Error, cpu_time: Duration, state: &AttemptState) -> String {
-    let full = format!("{error:#}");
-    let mut reason = match error.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => format!("cpu time limit {} exceeded", humantime::format_duration(cpu_time)),
-        Some(Trap::OutOfFuel) => format!("fuel limit {} exceeded", state.ctx.fuel.unwrap_or_default()),
-        Some(Trap::StackOverflow) => "stack overflow (wasm stack limit exceeded)".to_owned(),
-        _ if full.contains("forcing trap when growing memory") => format!(
-            "memory limit {} MiB exceeded ({full})",
-            state.ctx.memory_bytes / (1024 * 1024)
-        ),
-        Some(trap) => format!("guest trapped: {trap}"),
-        None => format!("guest failed: {full}"),
+    let mut reason = match (state.limits.hit, error.downcast_ref::<Trap>()) {
+        (Some(hit), _) => hit.to_string(),
+        (None, Some(Trap::Interrupt)) => format!("cpu time limit {} exceeded", humantime::format_duration(cpu_time)),
+        (None, Some(Trap::OutOfFuel)) => format!("fuel limit {} exceeded", state.ctx.fuel.unwrap_or_default()),
+        (None, Some(Trap::StackOverflow)) => "stack overflow (wasm stack limit exceeded)".to_owned(),
+        (None, Some(trap)) => format!("guest trapped: {trap}"),
+        (None, None) => format!("guest failed: {}", first_line(error)),
     };
     let stderr = state.stderr.contents();
     if !stderr.is_empty() {
@@ -150,7 +149,15 @@ fn trap_reason(error: &wasmtime::Error, cpu_time: Duration, state: &AttemptState
     reason
 }
 
-/// One instance kept alive across calls. The service never does this (a
+/// An error's outermost message without its backtrace (the full chain goes
+/// to the debug log).
+fn first_line(error: &wasmtime::Error) -> String {
+    tracing::debug!(error = %format!("{error:?}"), "guest error in full");
+    error.to_string().lines().next().unwrap_or_default().to_owned()
+}
+
+#[cfg(feature = "bench")]
+/// One instance kept alive across calls (benchmarks only). The service never does this (a
 /// fresh instance per attempt is what isolates events); the benchmark uses it
 /// as the floor that per-event isolation is measured against.
 pub struct ReusedInstance {
@@ -158,7 +165,9 @@ pub struct ReusedInstance {
     handler: super::bindings::Handler,
 }
 
+#[cfg(feature = "bench")]
 impl ReusedInstance {
+    /// Instantiates `component` once, for many calls.
     pub fn new(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext) -> anyhow::Result<Self> {
         let mut store = Store::new(engine, AttemptState::new(ctx));
         store.limiter(|state| &mut state.limits);
@@ -167,12 +176,14 @@ impl ReusedInstance {
         Ok(Self { store, handler })
     }
 
+    /// Calls `handle` on the same instance again.
     pub fn call(&mut self, event: &Event) -> anyhow::Result<Disposition> {
         self.store.set_epoch_deadline(u64::MAX / 2);
         self.handler.call_handle(&mut self.store, event).map_err(anyhow::Error::from)
     }
 }
 
+#[cfg(feature = "bench")]
 /// Where a fresh-instance attempt spends its time, for the benchmark:
 /// creating the store (with its WASI context), instantiating, the call, and
 /// dropping the store (which returns the instance's slot to the pool).

@@ -4,14 +4,17 @@
 //! - [`engine`]: the shared engine, pooling allocator and epoch ticker;
 //! - [`component`]: loading and checking a handler version;
 //! - [`host_state`]: the per-attempt store data and the guest's imports;
-//! - [`invoke`]: one attempt, from fresh instance to verdict.
+//! - [`invoke`]: one attempt, from fresh instance to verdict;
+//! - [`limits`]: the limiter that records which limit stopped a guest;
+//! - [`cache`]: compiled components on disk.
 
-pub mod bindings;
-pub mod cache;
-pub mod component;
-pub mod engine;
-pub mod host_state;
-pub mod invoke;
+mod bindings;
+mod cache;
+mod component;
+mod engine;
+mod host_state;
+mod invoke;
+mod limits;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,15 +24,19 @@ use anyhow::Context;
 use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
-pub use bindings::Event;
+pub use bindings::{Disposition, Event, GuestLogLevel, HANDLER_WORLD};
 pub use component::{HandlerComponent, LoadError};
 pub use engine::EngineConfig;
 pub use host_state::AttemptContext;
-pub use invoke::{AttemptResult, ReusedInstance};
+pub use invoke::AttemptResult;
+#[cfg(feature = "bench")]
+pub use invoke::{ReusedInstance, SpentStore};
+pub use limits::LimitHit;
 
 use host_state::AttemptState;
 
 /// The engine, the linker with the host's imports, and the epoch ticker.
+/// The engine, the linker and the instance slots, shared by every handler.
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
@@ -42,6 +49,7 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Builds the engine and links the host's imports.
     pub fn new(config: &EngineConfig) -> anyhow::Result<Self> {
         let engine = engine::build_engine(config)?;
         let mut linker = Linker::new(&engine);
@@ -98,20 +106,24 @@ impl Runtime {
     /// Runs one attempt on the calling thread (benchmarks, which measure the
     /// call itself without the thread hand-off): the result, and the store
     /// whose drop returns the instance to the pool.
+    #[cfg(feature = "bench")]
     pub fn dispatch_blocking(&self, component: &Arc<HandlerComponent>, ctx: AttemptContext, event: &Event, cpu_time: Duration) -> (AttemptResult, invoke::SpentStore) {
         invoke::run_attempt(&self.engine, component, ctx, event, cpu_time)
     }
 
     /// The phases of one fresh-instance attempt, for the benchmark.
+    #[cfg(feature = "bench")]
     pub fn profile_attempt(&self, component: &HandlerComponent, ctx: AttemptContext, event: &Event) -> [Duration; 4] {
         invoke::profile_attempt(&self.engine, component, ctx, event)
     }
 
     /// An instance kept across calls, for the benchmark's baseline.
+    #[cfg(feature = "bench")]
     pub fn reused_instance(&self, component: &HandlerComponent, ctx: AttemptContext) -> anyhow::Result<ReusedInstance> {
         ReusedInstance::new(&self.engine, component, ctx)
     }
 
+    /// The shared engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
     }

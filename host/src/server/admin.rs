@@ -13,27 +13,46 @@ use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 use serde_json::{Value, json};
 
-use super::AppState;
-use crate::dead_letter::DeadLetter;
-use crate::deploy::DeployError;
+use std::sync::Arc;
+
+use crate::control::deploy::{DeployError, Deployer, NewHandler};
+use crate::control::registry::Registry;
+use crate::pipeline::Pipeline;
+use crate::pipeline::dead_letter::DeadLetter;
+
+/// What the admin routes read and change.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Handlers and their versions.
+    pub registry: Arc<Registry>,
+    /// For recent dead letters.
+    pub pipeline: Arc<Pipeline>,
+    /// Deploys and rollbacks.
+    pub deployer: Deployer,
+    /// The bearer token of the admin API; `None` disables its writes.
+    pub admin_token: Option<Arc<str>>,
+}
 
 /// Largest upload the admin API reads; each tenant's own limit
 /// (`max_component_bytes`) is checked after.
 const MAX_UPLOAD_BYTES: usize = 256 * 1024 * 1024;
 
-pub fn routes() -> Router<AppState> {
+/// Health, views, and the token-protected writes.
+pub fn routes(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(health))
         .route("/v1.0/healthz", get(health))
         .route("/wasmsub/handlers", get(handlers))
         .route("/wasmsub/dead-letters", get(dead_letters))
+        .merge(write_routes())
+        .with_state(state)
 }
 
 async fn health() -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-async fn handlers(State(state): State<AppState>) -> Json<Value> {
+async fn handlers(State(state): State<AdminState>) -> Json<Value> {
     let handlers: Vec<_> = state
         .registry
         .handlers()
@@ -55,11 +74,11 @@ async fn handlers(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "handlers": handlers }))
 }
 
-async fn dead_letters(State(state): State<AppState>) -> Json<Vec<DeadLetter>> {
-    Json(state.pipeline.dead_letters.list())
+async fn dead_letters(State(state): State<AdminState>) -> Json<Vec<DeadLetter>> {
+    Json(state.pipeline.dead_letters())
 }
 
-pub fn write_routes() -> Router<AppState> {
+fn write_routes() -> Router<AdminState> {
     Router::new()
         .route("/admin/tenants/{tenant}/handlers/{handler}/component", put(deploy))
         .route("/admin/tenants/{tenant}/handlers/{handler}/rollback", post(rollback))
@@ -67,7 +86,7 @@ pub fn write_routes() -> Router<AppState> {
 }
 
 /// Checks `Authorization: Bearer <token>` in constant time.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
     let Some(expected) = &state.admin_token else {
         return Err((StatusCode::FORBIDDEN, "the admin API is disabled: start the host with --admin-token (or WASMSUB_ADMIN_TOKEN)"));
     };
@@ -84,13 +103,12 @@ fn error(status: StatusCode, message: &str) -> Response {
 
 fn deploy_error(failure: DeployError) -> Response {
     let status = match failure {
-        DeployError::UnknownHandler { .. } => StatusCode::NOT_FOUND,
+        DeployError::UnknownTenant(_) | DeployError::UnknownHandler { .. } => StatusCode::NOT_FOUND,
         DeployError::NothingToRollBack { .. } => StatusCode::CONFLICT,
         DeployError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         DeployError::Invalid(_) | DeployError::NewHandler(_) => StatusCode::UNPROCESSABLE_ENTITY,
         DeployError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    tracing::warn!(error = %failure, "deploy refused; the serving version is unchanged");
     error(status, &failure.to_string())
 }
 
@@ -103,7 +121,7 @@ struct Placement {
 }
 
 async fn deploy(
-    State(state): State<AppState>,
+    State(state): State<AdminState>,
     Path((tenant, handler)): Path<(String, String)>,
     Query(placement): Query<Placement>,
     headers: HeaderMap,
@@ -116,7 +134,7 @@ async fn deploy(
     let deployed = match placement.topic {
         Some(topic) => {
             let pubsub = placement.pubsub.unwrap_or_else(|| crate::manifest::DEFAULT_PUBSUB.to_owned());
-            let new = crate::deploy::NewHandler { pubsub, topic };
+            let new = NewHandler { pubsub, topic };
             state.deployer.deploy_new(&tenant, &handler, new, &origin, body.to_vec()).await
         }
         None => state.deployer.deploy(&tenant, &handler, &origin, body.to_vec()).await,
@@ -127,7 +145,7 @@ async fn deploy(
     }
 }
 
-async fn rollback(State(state): State<AppState>, Path((tenant, handler)): Path<(String, String)>, headers: HeaderMap) -> Response {
+async fn rollback(State(state): State<AdminState>, Path((tenant, handler)): Path<(String, String)>, headers: HeaderMap) -> Response {
     if let Err((status, why)) = authorize(&state, &headers) {
         return error(status, why);
     }

@@ -1,16 +1,19 @@
 //! The claim state machine, shared by every store: pure functions of the
 //! existing record, the clock and the lease. Stores only load and save.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
+use crate::clock::after_ms;
 
 /// How an event ended, as remembered by its done marker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DoneKind {
+    /// The handler succeeded.
     Processed,
+    /// The event went to the dead-letter topic.
     DeadLettered,
 }
 
@@ -27,6 +30,7 @@ pub enum Record {
 pub struct ClaimToken {
     /// The encoded dedupe key.
     pub key: String,
+    /// The claim's random token.
     pub token: u64,
     /// The claim replaced an expired one (a run that crashed or stalled).
     pub took_over: bool,
@@ -35,11 +39,15 @@ pub struct ClaimToken {
 /// The answer to a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
+    /// The claim is this run's.
     Acquired(ClaimToken),
     /// The event is done: a duplicate delivery.
     AlreadyDone(DoneKind),
     /// Another run holds a live claim: this copy should come back later.
-    HeldElsewhere { lease_until_ms: u64 },
+    HeldElsewhere {
+        /// When the other run's lease ends (Unix ms).
+        lease_until_ms: u64,
+    },
     /// The event is done, but publishes it committed are not all out yet
     /// (their run died before relaying them). The store has queued them for
     /// the relay; this copy should come back later, to be acknowledged only
@@ -51,14 +59,6 @@ pub enum Claim {
 /// (Dapr re-encodes state values through Go's `float64`) keep it exact.
 pub fn new_token() -> u64 {
     rand::random::<u64>() >> 11
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-pub fn after_ms(now_ms: u64, duration: Duration) -> u64 {
-    now_ms.saturating_add(duration.as_millis().min(u64::MAX as u128) as u64)
 }
 
 /// Decides a claim on `key`; returns the answer and the record to save, if any.

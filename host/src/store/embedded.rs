@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::claim::{self, Claim, ClaimToken, Record};
-use super::{Commit, DeliveryStore, OutboundMessage, OutboxId, StoreError};
-use crate::dedupe::DedupeKey;
+use super::{Commit, DedupeKey, DeliveryStore, OutboundMessage, OutboxId, StoreError};
+use crate::clock::{self, SharedClock};
 
 const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
 /// Tenant state under a (tenant, key) tuple: the tenant is a separate field,
@@ -30,15 +30,22 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// write lock for long.
 const PURGE_BATCH: usize = 10_000;
 
+/// The redb-backed store.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: Arc<PathBuf>,
+    clock: SharedClock,
 }
 
 impl EmbeddedStore {
     /// Opens (or creates) the store file; its directory is created if missing.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Self::open_with_clock(path, clock::system())
+    }
+
+    /// As [`EmbeddedStore::open`], reading time from `clock`.
+    pub fn open_with_clock(path: &Path, clock: SharedClock) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating store directory {}", dir.display()))?;
         }
@@ -48,7 +55,7 @@ impl EmbeddedStore {
         txn.open_table(STATE)?;
         txn.open_table(OUTBOX)?;
         txn.commit().with_context(|| format!("initialising embedded store {}", path.display()))?;
-        Ok(Self { db: Arc::new(db), path: Arc::new(path.to_owned()) })
+        Ok(Self { db: Arc::new(db), path: Arc::new(path.to_owned()), clock })
     }
 
     /// Runs blocking redb work off the async runtime, naming the file in errors.
@@ -86,13 +93,14 @@ fn load(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> R
 impl DeliveryStore for EmbeddedStore {
     async fn claim(&self, key: &DedupeKey, lease: Duration) -> Result<Claim, StoreError> {
         let key = key.encoded();
+        let now = self.clock.now_ms();
         self.blocking("claiming an event", move |db| {
             let mut txn = db.begin_write().map_err(unavailable)?;
             txn.set_durability(Durability::None).map_err(unavailable)?;
             let answer = {
                 let mut claims = txn.open_table(CLAIMS).map_err(unavailable)?;
                 let existing = load(&claims, &key)?;
-                let (answer, record) = claim::decide_claim(&key, existing.as_ref(), claim::now_ms(), lease, claim::new_token());
+                let (answer, record) = claim::decide_claim(&key, existing.as_ref(), now, lease, claim::new_token());
                 if let Some(record) = record {
                     claims.insert(key.as_str(), claim::encode(&record).as_slice()).map_err(unavailable)?;
                 }
@@ -125,7 +133,7 @@ impl DeliveryStore for EmbeddedStore {
         let tenant = commit.tenant.to_owned();
         let writes = commit.state_writes.to_vec();
         let outbox: Vec<Vec<u8>> = commit.outbox.iter().map(|m| serde_json::to_vec(m).expect("outbox entries serialise")).collect();
-        let done = Record::Done { kind: commit.completion.into(), expires_ms: claim::after_ms(claim::now_ms(), commit.ttl) };
+        let done = Record::Done { kind: commit.completion.into(), expires_ms: clock::after_ms(self.clock.now_ms(), commit.ttl) };
         self.blocking("committing an event", move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
             let ids = {
@@ -188,8 +196,8 @@ impl DeliveryStore for EmbeddedStore {
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {
+        let now = self.clock.now_ms();
         self.blocking("purging expired records", move |db| {
-            let now = claim::now_ms();
             let txn = db.begin_write().map_err(unavailable)?;
             let purged = {
                 let mut claims = txn.open_table(CLAIMS).map_err(unavailable)?;

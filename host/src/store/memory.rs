@@ -9,12 +9,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::claim::{self, Claim, ClaimToken, Record};
-use super::{Commit, DeliveryStore, OutboundMessage, OutboxId, StoreError};
-use crate::dedupe::DedupeKey;
+use super::{Commit, DedupeKey, DeliveryStore, OutboundMessage, OutboxId, StoreError};
+use crate::clock::{self, SharedClock};
 
-#[derive(Default)]
+/// Claims, state and outbox in memory, behind one lock.
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    clock: SharedClock,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_clock(clock::system())
+    }
 }
 
 #[derive(Default)]
@@ -26,6 +33,11 @@ struct Inner {
 }
 
 impl MemoryStore {
+    /// An empty store reading time from `clock`.
+    pub fn with_clock(clock: SharedClock) -> Self {
+        Self { inner: Mutex::default(), clock }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a half-applied commit
         // (each commit checks before it writes), so poisoning is ignored.
@@ -38,7 +50,7 @@ impl DeliveryStore for MemoryStore {
     async fn claim(&self, key: &DedupeKey, lease: Duration) -> Result<Claim, StoreError> {
         let key = key.encoded();
         let mut inner = self.lock();
-        let (answer, record) = claim::decide_claim(&key, inner.claims.get(&key), claim::now_ms(), lease, claim::new_token());
+        let (answer, record) = claim::decide_claim(&key, inner.claims.get(&key), self.clock.now_ms(), lease, claim::new_token());
         if let Some(record) = record {
             inner.claims.insert(key, record);
         }
@@ -56,7 +68,7 @@ impl DeliveryStore for MemoryStore {
     async fn finish(&self, commit: Commit<'_>) -> Result<Vec<OutboxId>, StoreError> {
         let mut inner = self.lock();
         claim::check_owner(inner.claims.get(&commit.claim.key), commit.claim)?;
-        let expires_ms = claim::after_ms(claim::now_ms(), commit.ttl);
+        let expires_ms = clock::after_ms(self.clock.now_ms(), commit.ttl);
         inner.claims.insert(commit.claim.key.clone(), Record::Done { kind: commit.completion.into(), expires_ms });
         for (key, value) in commit.state_writes {
             let key = (commit.tenant.to_owned(), key.clone());
@@ -89,7 +101,7 @@ impl DeliveryStore for MemoryStore {
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {
-        let now = claim::now_ms();
+        let now = self.clock.now_ms();
         let mut inner = self.lock();
         let before = inner.claims.len();
         inner.claims.retain(|_, record| !claim::is_expired(record, now));

@@ -10,9 +10,12 @@
 //! lease and the next copy takes it over. Only [`DeliveryStore::finish`] marks
 //! the event done, and only while the claim is still this run's.
 
-pub mod claim;
-pub mod embedded;
-pub mod memory;
+mod claim;
+mod dapr;
+mod embedded;
+pub mod keys;
+mod memory;
+mod queue;
 
 use std::time::Duration;
 
@@ -20,17 +23,21 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::dedupe::DedupeKey;
-use crate::effects::StateWrite;
+use crate::pipeline::effects::StateWrite;
 
 pub use claim::{Claim, ClaimToken, DoneKind};
+pub use dapr::DaprStore;
 pub use embedded::EmbeddedStore;
+pub use keys::DedupeKey;
 pub use memory::MemoryStore;
+pub use queue::{IndexHandle, MemoryQueue, MessageId, MessageQueue, QueueError, QueueIndex, QueueLimits, QueuedMessage, SharedIndex, Settle, Taken};
 
 /// A message waiting in the outbox to be published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboundMessage {
+    /// The pub/sub component to publish through.
     pub pubsub: String,
+    /// The topic to publish to.
     pub topic: String,
     /// The CloudEvent to publish (structured JSON), with a stable id.
     pub event: Map<String, Value>,
@@ -73,16 +80,22 @@ impl From<Completion> for DoneKind {
 /// Everything one finished event commits at once.
 #[derive(Debug)]
 pub struct Commit<'a> {
+    /// The claim this run holds; the commit fails if it no longer does.
     pub claim: &'a ClaimToken,
+    /// How the event ended.
     pub completion: Completion,
     /// The tenant whose state `state_writes` change.
     pub tenant: &'a str,
+    /// The attempt's state writes, applied with the commit.
     pub state_writes: &'a [StateWrite],
+    /// Messages to publish once the commit holds (guest publishes, or the
+    /// dead letter).
     pub outbox: &'a [OutboundMessage],
     /// How long the done marker is remembered.
     pub ttl: Duration,
 }
 
+/// The store behind the pipeline: claims, tenant state and the outbox.
 #[async_trait]
 pub trait DeliveryStore: Send + Sync + 'static {
     /// Claims `key` for `lease`, unless it is done or held by a live claim.

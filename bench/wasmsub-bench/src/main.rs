@@ -1,0 +1,82 @@
+//! `wasmsub-bench`: the host's in-process benchmarks, side by side in one run
+//! so the figures compare on a shared, noisy machine (docs/BENCHMARKS.md).
+//! Kept out of the service crate: the `bench` feature it enables exposes
+//! entry points (a reused instance, a profiled attempt) the service never has.
+
+mod echo;
+mod swap;
+mod tenants;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Measure what wasmsub's host costs per event, per tenant and per swap.
+#[derive(Parser)]
+#[command(after_help = "Build the guests first: scripts/build-guests.sh (or scripts/demo.sh).")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per-event cost of a handler (default: echo) side by side: native
+    /// function, reused instance, fresh instance, whole pipeline.
+    Echo {
+        /// The component to measure.
+        #[arg(long, default_value = "target/guests/echo.wasm")]
+        component: PathBuf,
+        /// Events per row.
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+    },
+    /// Isolation between tenants: a quiet tenant's latency beside a hostile
+    /// one, and host memory with many tenants loaded.
+    Tenants {
+        /// Directory of the built guests (scripts/build-guests.sh).
+        #[arg(long, default_value = "target/guests")]
+        guests: PathBuf,
+        /// Quiet tenant's events per measurement.
+        #[arg(long, default_value_t = 2_000)]
+        events: usize,
+        /// Tenants to load for the memory figure.
+        #[arg(long, default_value_t = 1_000)]
+        tenants: usize,
+    },
+    /// Hot swapping: cold start with and without the compile cache,
+    /// deploy-to-first-event, throughput while swapping.
+    Swap {
+        /// Directory of the built guests.
+        #[arg(long, default_value = "target/guests")]
+        guests: PathBuf,
+        /// Handlers for the cold-start rows.
+        #[arg(long, default_value_t = 100)]
+        handlers: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt().with_env_filter("warn").with_writer(std::io::stderr).init();
+    let runtime = tokio::runtime::Runtime::new().expect("starting the async runtime");
+    let mut out = std::io::stdout();
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Echo { component, events } => echo::run(&component, events, &mut out).await,
+            Command::Tenants { guests, events, tenants } => {
+                tenants::noisy_neighbour(&guests, events, &mut out).await?;
+                tenants::many_tenants(&guests, tenants, &mut out).await
+            }
+            Command::Swap { guests, handlers } => swap::run(&guests, handlers, &mut out).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The control plane: which handlers exist and which version serves each.
+//!
+//! - [`registry`]: tenants and handlers from the manifest (and added at
+//!   runtime), indexed the ways deliveries arrive;
+//! - [`deploy`]: hot swap and rollback, every new version checked by one
+//!   `compile_checked` before it serves;
+//! - [`watch`]: deploy on file change (`wasmsub run --watch`).
+
+pub mod deploy;
+pub mod registry;
+pub mod watch;

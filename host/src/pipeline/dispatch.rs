@@ -1,0 +1,69 @@
+//! Dispatch: one attempt of one event on a fresh instance of the handler's
+//! current version, inside the tenant's concurrency limit.
+//!
+//! The version is taken when the attempt starts (after waiting for the
+//! tenant's slot), so a deploy takes effect for every attempt that has not
+//! started yet, retries included.
+
+use std::sync::Arc;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{InFlight, Pipeline};
+use crate::cloudevent::CloudEvent;
+use crate::runtime::{AttemptContext, AttemptResult, Event, HandlerComponent};
+
+/// A finished attempt: its result, the version that ran it, and the
+/// tenant slot it held (kept by the caller through a commit).
+pub(super) struct Attempt {
+    pub result: AttemptResult,
+    pub component: Option<Arc<HandlerComponent>>,
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Pipeline {
+    pub(super) async fn attempt(&self, flight: &InFlight<'_>, event: &CloudEvent, attempt: u32) -> Attempt {
+        let handler = flight.handler;
+        let tenant = &handler.tenant;
+        let Ok(slot) = tenant.concurrency.clone().acquire_owned().await else {
+            let result = AttemptResult::Infrastructure("tenant concurrency gate closed".into());
+            return Attempt { result, component: None, slot: None };
+        };
+        let component = handler.current();
+        let ctx = AttemptContext {
+            tenant: tenant.name.clone(),
+            namespace: tenant.namespace.clone(),
+            handler: handler.name.clone(),
+            version: component.short_version().into(),
+            event_id: flight.event_id.as_str().into(),
+            store: self.store.clone(),
+            publish_topics: tenant.publish_topics.clone(),
+            capabilities: tenant.capabilities.clone(),
+            memory_bytes: tenant.limits.memory_mib as usize * 1024 * 1024,
+            table_elements: tenant.limits.table_elements as usize,
+            max_log_bytes: tenant.limits.max_log_bytes,
+            fuel: tenant.limits.fuel,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let result = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt), tenant.limits.cpu_time).await;
+        Attempt { result, component: Some(component), slot: Some(slot) }
+    }
+}
+
+/// The event as the guest sees it (the WIT `event` record).
+pub fn to_wit_event(event: &CloudEvent, attempt: u32) -> Event {
+    Event {
+        id: event.id.clone(),
+        source: event.source.clone(),
+        type_: event.ty.clone(),
+        specversion: event.specversion.clone(),
+        subject: event.subject.clone(),
+        time: event.time.clone(),
+        datacontenttype: event.datacontenttype.clone(),
+        data: event.data.clone(),
+        extensions: event.extensions.clone(),
+        topic: event.topic.clone(),
+        pubsubname: event.pubsubname.clone(),
+        attempt,
+    }
+}

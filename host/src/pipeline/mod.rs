@@ -1,0 +1,281 @@
+//! The pipeline: one parsed event and one handler, from claim to decision.
+//!
+//! [`receive`] (run once per delivery by [`crate::delivery`]) → [`dedupe`]
+//! (which id, then a claim in the store) → [`dispatch`] (one attempt on a
+//! fresh instance) → [`retry`] (backoff within the handler's budget) →
+//! [`commit`] (effects, outbox and done marker at once) → [`outcome`] (the
+//! broker's answer), or [`dead_letter`]. Every path ends in one
+//! [`Outcome`], one log line and one [`EventReport`].
+
+pub mod commit;
+pub mod dead_letter;
+pub mod dedupe;
+pub mod dispatch;
+pub mod effects;
+pub mod outcome;
+pub mod receive;
+pub mod retry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+use tracing::Instrument;
+
+use crate::clock::SharedClock;
+use crate::cloudevent::CloudEvent;
+use crate::control::registry::{Handler, HandlerCounts};
+use crate::manifest::IdempotencyConfig;
+use crate::outbox::Publisher;
+use crate::outbox::relay::RelayTrigger;
+use crate::runtime::{AttemptResult, HandlerComponent, Runtime};
+use crate::store::{Claim, ClaimToken, DedupeKey, DeliveryStore};
+use dead_letter::DeadLetterLog;
+use dispatch::Attempt;
+use outcome::{DuplicateOf, Outcome};
+use receive::Rejection;
+
+/// Reports buffered for slow subscribers (the demo, tests); older ones are
+/// skipped rather than slowing the pipeline.
+const REPORT_BUFFER: usize = 4096;
+
+/// What happened to one delivery, for whoever watches (demo, tests, admin).
+#[derive(Debug, Clone, Serialize)]
+pub struct EventReport {
+    /// The tenant that owns the handler.
+    pub tenant: String,
+    /// The handler the delivery went to.
+    pub handler: String,
+    /// The version (component sha256) that made the last attempt; empty when
+    /// no attempt ran (a duplicate, a malformed event).
+    pub handler_version: String,
+    /// The id the event was deduplicated by.
+    pub event_id: String,
+    /// The topic it arrived on.
+    pub topic: String,
+    /// How the delivery ended.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// The parts a pipeline works with.
+pub struct PipelineParts {
+    /// Claims, tenant state and the outbox.
+    pub store: Arc<dyn DeliveryStore>,
+    /// The WebAssembly runtime attempts run on.
+    pub runtime: Runtime,
+    /// Where committed messages go.
+    pub publisher: Arc<dyn Publisher>,
+    /// Wakes the outbox relay when an inline publish failed.
+    pub relay: RelayTrigger,
+    /// Done-marker TTL and lease margin.
+    pub idempotency: IdempotencyConfig,
+    /// Wall time, for dead-letter timestamps.
+    pub clock: SharedClock,
+}
+
+/// The stages, in order, for one event and one handler.
+pub struct Pipeline {
+    store: Arc<dyn DeliveryStore>,
+    runtime: Runtime,
+    publisher: Arc<dyn Publisher>,
+    relay: RelayTrigger,
+    idempotency: IdempotencyConfig,
+    clock: SharedClock,
+    dead_letters: DeadLetterLog,
+    reports: broadcast::Sender<EventReport>,
+}
+
+/// One event on its way through, with what every stage needs to name it.
+struct InFlight<'a> {
+    handler: &'a Arc<Handler>,
+    /// The version of the latest attempt (`None` before the first).
+    component: Option<Arc<HandlerComponent>>,
+    event_id: String,
+    topic: String,
+}
+
+impl InFlight<'_> {
+    fn version(&self) -> &str {
+        self.component.as_ref().map_or("", |c| c.version.as_str())
+    }
+}
+
+impl Pipeline {
+    /// A pipeline over `parts`.
+    pub fn new(parts: PipelineParts) -> Self {
+        let (reports, _) = broadcast::channel(REPORT_BUFFER);
+        Self {
+            store: parts.store,
+            runtime: parts.runtime,
+            publisher: parts.publisher,
+            relay: parts.relay,
+            idempotency: parts.idempotency,
+            clock: parts.clock,
+            dead_letters: DeadLetterLog::default(),
+            reports,
+        }
+    }
+
+    /// The store the pipeline commits to.
+    pub fn store(&self) -> &Arc<dyn DeliveryStore> {
+        &self.store
+    }
+
+    /// Recent dead letters, newest last.
+    pub fn dead_letters(&self) -> Vec<dead_letter::DeadLetter> {
+        self.dead_letters.list()
+    }
+
+    /// Every later outcome, as it happens.
+    pub fn subscribe_reports(&self) -> broadcast::Receiver<EventReport> {
+        self.reports.subscribe()
+    }
+
+    /// Dead-letters a delivery that could not be received (malformed, too
+    /// large): nothing runs, the payload goes to the handler's dead-letter
+    /// topic byte for byte.
+    pub async fn reject(&self, handler: &Arc<Handler>, body: &[u8], content_type: Option<&str>, rejection: Rejection) -> Outcome {
+        let (event_id, original) = dead_letter::envelope_for_malformed(body, content_type);
+        let flight = InFlight { handler, component: None, event_id, topic: handler.config.topic.clone() };
+        let span = event_span(&flight);
+        async {
+            let outcome = self.dead_letter_unclaimed(&flight, &original, rejection.to_string()).await;
+            self.report(&flight, outcome)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Handles one parsed event for `handler`.
+    pub async fn process(&self, handler: &Arc<Handler>, event: &CloudEvent) -> Outcome {
+        let mut flight = InFlight { handler, component: None, event_id: event.id.clone(), topic: event.topic.clone() };
+        let derived = dedupe::event_id(event, handler.config.id_mode);
+        if let Ok(id) = &derived {
+            flight.event_id = id.clone();
+        }
+        let span = event_span(&flight);
+        async {
+            let outcome = match derived {
+                Ok(_) => self.claim_and_run(&mut flight, event).await,
+                Err(error) => self.dead_letter_unclaimed(&flight, &event.original, error.to_string()).await,
+            };
+            self.report(&flight, outcome)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Claim, then attempts until one succeeds, the guest drops the event,
+    /// or the budget is spent.
+    async fn claim_and_run(&self, flight: &mut InFlight<'_>, event: &CloudEvent) -> Outcome {
+        let token = match self.claim(flight).await {
+            Ok(token) => token,
+            Err(outcome) => return outcome,
+        };
+        let handler = flight.handler;
+        let policy = &handler.config.retry;
+        let mut attempt = 1;
+        loop {
+            let Attempt { result, component, slot } = self.attempt(flight, event, attempt).await;
+            flight.component = component;
+            let reason = match result {
+                // The tenant's slot is held through the commit: a tenant with
+                // `max_concurrency = 1` runs one event at a time, commit included.
+                AttemptResult::Succeeded(effects) => return self.commit_success(flight, &token, effects, attempt, slot).await,
+                AttemptResult::GuestDrop(reason) => {
+                    return self.dead_letter(flight, &token, &event.original, format!("dropped by handler: {reason}"), attempt).await;
+                }
+                AttemptResult::Infrastructure(reason) => return self.defer(&token, reason).await,
+                AttemptResult::GuestRetry(reason) | AttemptResult::Trapped(reason) => reason,
+            };
+            drop(slot);
+            if !policy.has_attempt_after(attempt) {
+                return self.dead_letter(flight, &token, &event.original, reason, attempt).await;
+            }
+            let delay = policy.next_delay_jittered(attempt, rand::random());
+            HandlerCounts::add(&handler.counts.retries);
+            tracing::info!(messaging.attempt = attempt, %reason, retry_in = %humantime::format_duration(delay), "attempt failed; will retry");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    async fn claim(&self, flight: &InFlight<'_>) -> Result<ClaimToken, Outcome> {
+        let handler = flight.handler;
+        let key = DedupeKey {
+            tenant: handler.tenant.name.to_string(),
+            handler: handler.name.to_string(),
+            event_id: flight.event_id.clone(),
+        };
+        match self.store.claim(&key, self.lease(handler)).await {
+            Ok(Claim::Acquired(token)) => {
+                if token.took_over {
+                    tracing::info!("an earlier claim on this event expired (crashed or stalled run); running it again");
+                }
+                Ok(token)
+            }
+            Ok(Claim::AlreadyDone(kind)) => Err(Outcome::Duplicate { earlier: DuplicateOf::from(kind) }),
+            Ok(Claim::HeldElsewhere { .. }) => Err(Outcome::InFlightElsewhere),
+            Ok(Claim::DonePublishPending) => {
+                self.relay.poke();
+                Err(Outcome::Deferred { reason: "the event is done; its committed publishes are being relayed".into() })
+            }
+            Err(error) => Err(Outcome::Deferred { reason: format!("cannot claim the event: {error}") }),
+        }
+    }
+
+    /// A claim must outlive every attempt and every wait between them.
+    fn lease(&self, handler: &Handler) -> Duration {
+        let policy = &handler.config.retry;
+        handler.tenant.limits.cpu_time * policy.max_attempts + policy.worst_case_waits() + self.idempotency.lease_margin
+    }
+
+    /// The event's one decision line, its counter, and its report.
+    fn report(&self, flight: &InFlight<'_>, outcome: Outcome) -> Outcome {
+        let counts = &flight.handler.counts;
+        HandlerCounts::add(match &outcome {
+            Outcome::Processed { .. } => &counts.processed,
+            Outcome::Duplicate { .. } => &counts.duplicates,
+            Outcome::DeadLettered { .. } => &counts.dead_lettered,
+            Outcome::InFlightElsewhere | Outcome::Deferred { .. } => &counts.deferred,
+        });
+        let version = flight.component.as_ref().map_or("", |c| c.short_version());
+        match &outcome {
+            Outcome::Processed { attempts } => {
+                tracing::info!(outcome = outcome.label(), messaging.attempt = attempts, handler.version = %version, "event processed")
+            }
+            Outcome::Duplicate { earlier } => tracing::info!(outcome = outcome.label(), ?earlier, "duplicate delivery skipped"),
+            Outcome::InFlightElsewhere => tracing::info!(outcome = outcome.label(), "another delivery holds this event; asking for redelivery"),
+            Outcome::DeadLettered { reason, attempts } => tracing::warn!(outcome = outcome.label(), messaging.attempt = attempts,
+                handler.version = %version, dead_letter_topic = %flight.handler.dead_letter_topic, %reason, "event dead-lettered"),
+            Outcome::Deferred { reason } => tracing::warn!(outcome = outcome.label(), %reason, "event deferred; asking for redelivery"),
+        }
+        // Reports are for watchers (demo, tests, benchmarks): build none
+        // when nobody listens.
+        if self.reports.receiver_count() > 0 {
+            let _ = self.reports.send(EventReport {
+                tenant: flight.handler.tenant.name.to_string(),
+                handler: flight.handler.name.to_string(),
+                handler_version: flight.version().to_owned(),
+                event_id: flight.event_id.clone(),
+                topic: flight.topic.clone(),
+                outcome: outcome.clone(),
+            });
+        }
+        outcome
+    }
+}
+
+/// The span every line about one event is logged in, with OpenTelemetry's
+/// messaging fields.
+fn event_span(flight: &InFlight<'_>) -> tracing::Span {
+    tracing::info_span!("event",
+        messaging.system = "dapr",
+        messaging.destination.name = %flight.topic,
+        messaging.message.id = %flight.event_id,
+        tenant = %flight.handler.tenant.name,
+        handler = %flight.handler.name,
+    )
+}

@@ -1,0 +1,107 @@
+//! The host as a Dapr application (HTTP app protocol): the subscription list
+//! Dapr reads at start-up, and the event routes it delivers to, one event
+//! per request or many (bulk). Each request becomes [`Delivery`]s for the
+//! [`Door`]; the door's answer goes back as `{"status": ...}` (or one
+//! status per bulk entry).
+//!
+//! A route Dapr was told about never answers 404 (Dapr would drop the
+//! event): the door answers RETRY for a route nobody serves.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use super::dapr_subscriptions::{Subscription, subscriptions};
+use crate::control::registry::{Registry, RouteTarget};
+use crate::delivery::{Delivery, Destination, Door};
+use crate::pipeline::outcome::DaprStatus;
+use crate::pipeline::receive::Payload;
+
+/// What the routes need: the registry for the subscription list and to
+/// tell bulk routes apart, the door for deliveries.
+#[derive(Clone)]
+struct AppRoutes {
+    registry: Arc<Registry>,
+    door: Arc<Door>,
+}
+
+/// `GET /dapr/subscribe` and every event route.
+pub fn routes(registry: Arc<Registry>, door: Arc<Door>) -> Router {
+    Router::new().route("/dapr/subscribe", get(subscribe)).fallback(deliver).with_state(AppRoutes { registry, door })
+}
+
+async fn subscribe(State(app): State<AppRoutes>) -> Json<Vec<Subscription>> {
+    Json(subscriptions(&app.registry))
+}
+
+/// Dapr's bulk delivery: many events in one request.
+#[derive(Debug, Deserialize)]
+struct BulkRequest<'a> {
+    #[serde(borrow)]
+    entries: Vec<BulkEntry<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BulkEntry<'a> {
+    entry_id: String,
+    /// The event as it is in the request: parsed once, by the door.
+    #[serde(borrow)]
+    event: &'a RawValue,
+    content_type: Option<String>,
+}
+
+async fn deliver(State(app): State<AppRoutes>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    if method != Method::POST {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let route = uri.path().to_owned();
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if is_bulk_route(&app.registry, &route)
+        && let Ok(bulk) = serde_json::from_slice::<BulkRequest<'_>>(&body)
+    {
+        let (ids, deliveries): (Vec<_>, Vec<_>) = bulk
+            .entries
+            .into_iter()
+            .map(|entry| {
+                let payload = Payload::Bytes(entry_bytes(entry.event));
+                (entry.entry_id, Delivery { destination: Destination::Route(route.clone()), payload, content_type: entry.content_type })
+            })
+            .unzip();
+        let statuses = app.door.deliver_all(deliveries).await;
+        let statuses: Vec<_> = ids.into_iter().zip(statuses).map(|(id, status)| json!({"entryId": id, "status": status})).collect();
+        return Json(json!({ "statuses": statuses })).into_response();
+    }
+    let delivery = Delivery { destination: Destination::Route(route), payload: Payload::Bytes(body), content_type };
+    status_reply(app.door.deliver(delivery).await)
+}
+
+/// Handlers sharing a route share one subscription, so one bulk setting.
+fn is_bulk_route(registry: &Registry, route: &str) -> bool {
+    match registry.by_route(route) {
+        Some(RouteTarget::Handler(handler)) => handler.config.bulk.is_some(),
+        Some(RouteTarget::FanOut(handlers)) => handlers.first().is_some_and(|h| h.config.bulk.is_some()),
+        None => false,
+    }
+}
+
+/// A bulk entry's event: a JSON string is a raw payload (its text), anything
+/// else is the event's JSON as it was sent.
+fn entry_bytes(event: &RawValue) -> Bytes {
+    match serde_json::from_str::<String>(event.get()) {
+        Ok(text) => Bytes::from(text),
+        Err(_) => Bytes::copy_from_slice(event.get().as_bytes()),
+    }
+}
+
+fn status_reply(status: DaprStatus) -> Response {
+    Json(json!({ "status": status })).into_response()
+}

@@ -1,0 +1,16 @@
+//! Transports: the ways events reach the host. Each is a leaf: it receives,
+//! turns what it received into a [`crate::delivery::Delivery`], hands it to
+//! the [`crate::delivery::Door`], and answers with the door's status.
+//!
+//! - [`dapr_app`]: the HTTP routes a Dapr sidecar delivers to (single and
+//!   bulk), and `GET /dapr/subscribe` ([`dapr_subscriptions`]);
+//! - [`dapr_streaming`]: gRPC streaming subscriptions for topics handlers
+//!   added at runtime need;
+//! - [`embedded`]: the in-process broker (a queue the dispatcher drains)
+//!   and its publish API ([`publish_api`]).
+
+pub mod dapr_app;
+pub mod dapr_streaming;
+pub mod dapr_subscriptions;
+pub mod embedded;
+pub mod publish_api;
