@@ -11,8 +11,8 @@ cd "$root"
 step() { echo "==> $*" >&2; }
 started=$SECONDS
 
-step "Debian packages the tests need (redis-server, curl)"
-bash scripts/apt-install.sh redis-server curl
+step "Debian packages the tests need (redis-server, redis-tools, curl)"
+bash scripts/apt-install.sh redis-server redis-tools curl
 
 step "daprd (cached by its pinned version and source hash)"
 DAPRD="$(bash scripts/get-daprd.sh)"

@@ -62,7 +62,7 @@ pub struct Door {
 
 impl Door {
     /// A door onto `pipeline`, routing by `registry`.
-    pub fn new(registry: Arc<Registry>, pipeline: Arc<Pipeline>) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>, pipeline: Arc<Pipeline>) -> Self {
         Self { registry, pipeline }
     }
 

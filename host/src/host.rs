@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::{self, SharedClock};
-use crate::control::deploy::Deployer;
+use crate::control::Deployer;
 use crate::control::registry::Registry;
 use crate::control::watch;
 use crate::delivery::{Delivery, Door};

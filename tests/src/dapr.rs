@@ -132,6 +132,43 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// Waits until every entry of the stream `topic` has been delivered to
+    /// the consumer group `group` (Dapr names it after the app id) and
+    /// acknowledged: from then on no (re)delivery can come, so a count read
+    /// afterwards is final.
+    pub fn wait_drained(&self, topic: &str, group: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (pending, lag) = self.group_backlog(topic, group);
+            if pending == Some(0) && lag == Some(0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "stream {topic} not drained by group {group} after {limit:?}: pending {pending:?}, lag {lag:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// (pending, lag) of `group` on `topic`, from `XINFO GROUPS`.
+    fn group_backlog(&self, topic: &str, group: &str) -> (Option<u64>, Option<u64>) {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--raw", "XINFO", "GROUPS", topic])
+            .output()
+            .expect("running redis-cli");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        // Groups come as flat name/value pairs, one group after another.
+        for group_fields in lines.split(|l| *l == "name").skip(1) {
+            if group_fields.first() != Some(&group) {
+                continue;
+            }
+            let field = |name: &str| group_fields.iter().position(|l| *l == name).and_then(|i| group_fields.get(i + 1)?.parse().ok());
+            return (field("pending"), field("lag"));
+        }
+        (None, None)
+    }
+}
+
 fn wait_for_port(port: u16, process: &Process) {
     let deadline = Instant::now() + START_TIMEOUT;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -171,6 +208,8 @@ pub struct Daprd {
     pub http_port: u16,
     pub grpc_port: u16,
     pub app_port: u16,
+    /// Where daprd serves its Prometheus metrics.
+    pub metrics_port: u16,
     process: Process,
 }
 
@@ -199,7 +238,8 @@ impl Daprd {
             ]),
             log_dir,
         );
-        let daprd = Self { http_port, grpc_port, app_port, process };
+        let metrics_port = ports[3].parse().unwrap();
+        let daprd = Self { http_port, grpc_port, app_port, metrics_port, process };
         daprd.wait_healthy();
         daprd
     }
@@ -224,6 +264,23 @@ impl Daprd {
 
     pub fn kill(&mut self) {
         self.process.kill();
+    }
+
+    /// Requests daprd's HTTP API has served, by method and path (from its
+    /// `dapr_http_server_request_count` metric), health checks left out.
+    pub async fn api_calls(&self) -> std::collections::BTreeMap<String, u64> {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await.unwrap().text().await.unwrap();
+        let mut calls = std::collections::BTreeMap::new();
+        for line in text.lines().filter(|l| l.starts_with("dapr_http_server_request_count{")) {
+            let label = |name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|rest| rest.split('"').next()).unwrap_or("");
+            let path = label("path");
+            if path.contains("healthz") {
+                continue;
+            }
+            let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            *calls.entry(format!("{} {path}", label("method"))).or_default() += count as u64;
+        }
+        calls
     }
 
     pub fn log_text(&self) -> String {

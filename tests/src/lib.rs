@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use wasmsub::cloudevent::CLOUDEVENTS_JSON;
-use wasmsub::transport::embedded::PublishError;
+use wasmsub::transport::PublishError;
 use wasmsub::{DaprStatus, EventReport, Host, HostOptions, Manifest};
 
 pub mod dapr;

@@ -135,7 +135,7 @@ async fn the_todo_app_through_daprd_and_redis() {
     // Its audit publish went out through the sidecar and was delivered to
     // the audit handler (a recorder keyed by the audit event's own id).
     let task_key = DedupeKey { tenant: "acme".into(), handler: "task-created".into(), event_id: "task-7".into() };
-    let audit_id = wasmsub::pipeline::commit::outgoing_id(&task_key.encoded(), 0);
+    let audit_id = wasmsub::pipeline::outgoing_id(&task_key.encoded(), 0);
     let audit = client.wait_for_state("acme", &format!("event:{audit_id}"), limit, |v| v.is_some()).await.unwrap();
     let audit: Value = serde_json::from_str(&audit).unwrap();
     assert_eq!((audit["topic"].as_str(), audit["id"].as_str()), (Some("task-audit"), Some(audit_id.as_str())), "{audit}");
@@ -197,8 +197,8 @@ async fn a_host_killed_mid_handler_reruns_the_event_once_after_restart() {
     let _second = start_host(HOST, "host-2", &manifest, &daprd, scratch.path());
     let count = client.wait_for_state("acme", "count:slow-1", Duration::from_secs(60), |v| v.is_some()).await;
     assert_eq!(count.as_deref(), Some("1"));
-    // Let any further redelivery arrive; the effect stays single.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Once the stream is drained no redelivery can come: the effect stays single.
+    redis.wait_drained("orders", "crashy", Duration::from_secs(60));
     assert_eq!(client.tenant_state("acme", "count:slow-1").await.as_deref(), Some("1"));
 }
 
@@ -215,20 +215,23 @@ async fn bulk_counts(daprd: &Daprd, keys: &[String]) -> Vec<Option<String>> {
     scoped.iter().map(|k| by_key.get(k).cloned().flatten()).collect()
 }
 
-/// Waits until every key's count is present; then checks each is exactly 1.
-async fn assert_each_counted_once(daprd: &Daprd, keys: &[String], limit: Duration) {
+/// Waits until every key's count is present and the `orders` stream is
+/// drained by `app_id`'s consumer group (no redelivery can come after);
+/// then checks each count is exactly 1.
+async fn assert_each_counted_once(daprd: &Daprd, redis: &Redis, app_id: &str, keys: &[String], limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
-        let counts = bulk_counts(daprd, keys).await;
-        let missing = counts.iter().filter(|c| c.is_none()).count();
+        let missing = bulk_counts(daprd, keys).await.iter().filter(|c| c.is_none()).count();
         if missing == 0 {
-            let wrong: Vec<_> = keys.iter().zip(&counts).filter(|(_, c)| c.as_deref() != Some("1")).collect();
-            assert!(wrong.is_empty(), "effects not exactly once: {wrong:?}");
-            return;
+            break;
         }
         assert!(Instant::now() < deadline, "{missing} of {} events never took effect", keys.len());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    redis.wait_drained("orders", app_id, deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(10)));
+    let counts = bulk_counts(daprd, keys).await;
+    let wrong: Vec<_> = keys.iter().zip(&counts).filter(|(_, c)| c.as_deref() != Some("1")).collect();
+    assert!(wrong.is_empty(), "effects not exactly once: {wrong:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +258,7 @@ async fn restarting_daprd_with_events_in_flight_loses_none() {
     assert!(done < keys.len(), "all events were done before the sidecar died: the test proves nothing");
     let (http_port, grpc_port) = (daprd.http_port, daprd.grpc_port);
     let daprd = Daprd::start_on("daprd-2", "restarts", app_port, http_port, grpc_port, &components, scratch.path());
-    assert_each_counted_once(&daprd, &count_keys, Duration::from_secs(90)).await;
+    assert_each_counted_once(&daprd, &redis, "restarts", &count_keys, Duration::from_secs(90)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +300,7 @@ async fn two_hosts_share_the_work_exactly_once_even_when_one_dies() {
     daprd_b.kill();
     assert!(done_at_kill < keys.len(), "all events were done before host B died: the test proves nothing");
     publisher.await.unwrap();
-    assert_each_counted_once(&daprd_a, &count_keys, Duration::from_secs(120)).await;
+    assert_each_counted_once(&daprd_a, &redis, "scaled", &count_keys, Duration::from_secs(120)).await;
     let served_b = std::fs::read_to_string(&host_b.log).unwrap().matches("event processed").count();
     assert!(served_b > 0, "host B took no share of the work");
     drop(host_a);
@@ -344,7 +347,7 @@ async fn bulk_deliveries_are_answered_per_entry() {
     // One duplicate inside the batch stream: still one effect.
     client.publish("orders", &cloud_event("bulk-0", json!({"key": "bulk-0"}))).await;
     let count_keys: Vec<String> = keys.iter().map(|k| format!("count:{k}")).collect();
-    assert_each_counted_once(daprd, &count_keys, Duration::from_secs(60)).await;
+    assert_each_counted_once(daprd, stack.redis.as_ref().unwrap(), "bulky", &count_keys, Duration::from_secs(60)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,52 +381,45 @@ async fn tenants_sharing_a_topic_each_get_it_and_rules_route_by_type() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_hot_swaps_through_daprd_process_every_event_once_by_one_version() {
     let stack = Stack::start("swaps", &manifest("", &[("orders", guests::RECORDER, "orders", "")]), &[("WASMSUB_ADMIN_TOKEN", "t0ken")]).await;
-    let (daprd, host) = (&stack.daprd, &stack.host);
-    const EVENTS: usize = 300;
-    let publisher = {
-        let client = DaprClient::new(daprd);
-        tokio::spawn(async move {
-            for i in 0..EVENTS {
-                client.publish("orders", &cloud_event(&format!("s-{i}"), json!({"key": format!("s-{i}")}))).await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let (daprd, host, client) = (&stack.daprd, &stack.host, &stack.client);
+    const PER_VERSION: usize = 15;
     let http = reqwest::Client::new();
     let url = stack.admin_url("orders", "component");
     let mut versions = Vec::new();
+    // Which deploy each event was published after: it must run on that
+    // version or a later one. Deploys land while earlier events are in flight.
+    let mut published_after = Vec::new();
     for n in 1..=20 {
         let response = http.put(&url).bearer_auth("t0ken").body(wasmsub_tests::component_variant(guests::RECORDER, n)).send().await.unwrap();
         assert_eq!(response.status(), 200);
-        versions.push(response.json::<Value>().await.unwrap()["to"].as_str().unwrap().to_owned());
+        versions.push(response.json::<Value>().await.unwrap()["to"].as_str().unwrap()[..12].to_owned());
         if n == 10 {
             let refused = http.put(&url).bearer_auth("t0ken").body(b"garbage".to_vec()).send().await.unwrap();
             assert_eq!(refused.status(), 422, "an invalid upload is refused");
         }
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        for j in 0..PER_VERSION {
+            let id = format!("s-{n}-{j}");
+            client.publish("orders", &cloud_event(&id, json!({"key": id}))).await;
+            published_after.push((id, n - 1));
+        }
     }
-    publisher.await.unwrap();
-    let keys: Vec<String> = (0..EVENTS).map(|i| format!("count:s-{i}")).collect();
-    assert_each_counted_once(daprd, &keys, Duration::from_secs(60)).await;
+    let keys: Vec<String> = published_after.iter().map(|(id, _)| format!("count:{id}")).collect();
+    assert_each_counted_once(daprd, stack.redis.as_ref().unwrap(), "swaps", &keys, Duration::from_secs(60)).await;
 
     // Each event was processed by exactly one version (the host's decision
-    // lines name it), and the swaps took effect while events flowed.
+    // lines name it), at least as new as the one serving when it was published.
     let log = std::fs::read_to_string(&host.log).unwrap();
-    let mut used = std::collections::HashSet::new();
-    for i in 0..EVENTS {
-        let id = format!("messaging.message.id=s-{i} ");
-        let lines: Vec<&str> = log.lines().filter(|l| l.contains(&id) && l.contains("event processed")).collect();
-        assert_eq!(lines.len(), 1, "s-{i} processed {} times", lines.len());
-        let version = lines[0].split("handler.version=").nth(1).unwrap().split(['}', ' ', '\u{1b}']).next().unwrap().to_owned();
-        used.insert(version);
-    }
-    assert!(used.len() >= 5, "only {} versions handled events", used.len());
-    for version in &used {
-        assert!(version.len() == 12, "{version}");
+    for (id, serving) in &published_after {
+        let marker = format!("messaging.message.id={id} ");
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(&marker) && l.contains("event processed")).collect();
+        assert_eq!(lines.len(), 1, "{id} processed {} times", lines.len());
+        let version = lines[0].split("handler.version=").nth(1).unwrap().split(['}', ' ', '\u{1b}']).next().unwrap();
+        let ran_on = versions.iter().position(|v| v == version).unwrap_or_else(|| panic!("{id} ran on unknown version {version}"));
+        assert!(ran_on >= *serving, "{id} ran on version {ran_on}, older than the one serving when it was published ({serving})");
     }
     let rollback = http.post(stack.admin_url("orders", "rollback")).bearer_auth("t0ken").send().await.unwrap();
     assert_eq!(rollback.status(), 200);
-    assert_eq!(rollback.json::<Value>().await.unwrap()["to"], versions[18].as_str());
+    assert_eq!(rollback.json::<Value>().await.unwrap()["to"].as_str().unwrap()[..12], versions[18]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,4 +442,34 @@ async fn a_topic_added_at_runtime_is_delivered_through_a_streaming_subscription(
     }
     let counts = handler_counts(app_port, "late").await;
     assert!(counts["processed"].as_u64().unwrap() >= 1, "{counts}");
+}
+
+/// The cost model's first term: how many sidecar calls the host makes for
+/// one event that writes state and publishes once (docs/BENCHMARKS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_with_one_publish_costs_six_sidecar_calls() {
+    let stack = Stack::start("calls", &manifest(r#"publish_topics = ["task-audit"]"#, &[
+        ("orders", guests::RECORDER, "orders", ""),
+        ("task-created", guests::TASK_CREATED, "task-created", ""),
+    ]), &[]).await;
+    let (client, daprd) = (&stack.client, &stack.daprd);
+    const EVENTS: u64 = 20;
+    let before = daprd.api_calls().await;
+    for i in 0..EVENTS {
+        client.publish("task-created", &cloud_event(&format!("t-{i}"), json!({"id": i, "title": "count my calls"}))).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while handler_counts(stack.app_port, "task-created").await["processed"] != EVENTS {
+        assert!(Instant::now() < deadline, "the events were not all processed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack.redis.as_ref().unwrap().wait_drained("task-created", "calls", Duration::from_secs(60));
+    let after = daprd.api_calls().await;
+    let mut by_call: Vec<(String, u64)> = after.iter().map(|(call, n)| (call.clone(), n - before.get(call).copied().unwrap_or(0))).collect();
+    by_call.retain(|(_, n)| *n > 0);
+    let total: u64 = by_call.iter().map(|(_, n)| n).sum();
+    // The test's own publishes are not the host's.
+    let host_calls = total - EVENTS;
+    eprintln!("sidecar calls for {EVENTS} events: {by_call:?}");
+    assert_eq!(host_calls, 6 * EVENTS, "calls per event: {by_call:?}");
 }

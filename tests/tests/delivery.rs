@@ -89,6 +89,6 @@ async fn the_todo_handler_stores_the_task_and_publishes_an_audit_event() {
     assert_eq!((audit.handler.as_str(), audit.topic.as_str()), ("audit", "task-audit"));
     // The audit event's id is derived from the original event's key: stable.
     let key = wasmsub::store::DedupeKey { tenant: "acme".into(), handler: "task-created".into(), event_id: "t-7".into() };
-    assert_eq!(audit.event_id, wasmsub::pipeline::commit::outgoing_id(&key.encoded(), 0));
+    assert_eq!(audit.event_id, wasmsub::pipeline::outgoing_id(&key.encoded(), 0));
     assert_eq!(host.state(&format!("count:{}", audit.event_id)).await.as_deref(), Some("1"));
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use wasmsub::Outcome;
-use wasmsub::control::deploy::{DeployError, DeployEvent, NewHandler};
+use wasmsub::control::{DeployError, DeployEvent, NewHandler};
 use wasmsub::runtime::{EngineConfig, Runtime};
 use wasmsub_tests::{HandlerSpec, TestHost, cloud_event, component_variant, guests, manifest_text};
 
@@ -75,7 +75,7 @@ async fn the_admin_api_deploys_and_rolls_back_with_a_token() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let router = host.router();
-    tokio::spawn(async move { wasmsub::server::serve(listener, router, std::future::pending()).await });
+    tokio::spawn(async move { wasmsub::serve(listener, router, std::future::pending()).await });
     let http = reqwest::Client::new();
     let component_url = format!("{base}/admin/tenants/acme/handlers/recorder/component");
     let rollback_url = format!("{base}/admin/tenants/acme/handlers/recorder/rollback");

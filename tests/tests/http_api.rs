@@ -15,7 +15,7 @@ async fn serve(host: &TestHost) -> String {
 }
 
 async fn axum_serve(listener: tokio::net::TcpListener, router: axum::Router) {
-    wasmsub::server::serve(listener, router, std::future::pending()).await.unwrap();
+    wasmsub::serve(listener, router, std::future::pending()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,7 +45,7 @@ async fn dapr_gets_one_subscription_per_topic_with_rules_and_a_fan_out_default()
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let router = host.host.router();
-    tokio::spawn(async move { wasmsub::server::serve(listener, router, std::future::pending()).await });
+    tokio::spawn(async move { wasmsub::serve(listener, router, std::future::pending()).await });
     let subscriptions: Value = reqwest::get(format!("http://{address}/dapr/subscribe")).await.unwrap().json().await.unwrap();
     assert_eq!(
         subscriptions,

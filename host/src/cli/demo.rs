@@ -2,7 +2,8 @@
 //! process, on the embedded broker and a throw-away store. It shows each of
 //! the host's decisions once: processed, duplicate skipped, retried then
 //! succeeded, dropped and dead-lettered, poison dead-lettered after its
-//! retries, malformed refused and dead-lettered.
+//! retries; a malformed CloudEvent refused at the publish API, and the same
+//! bytes dead-lettered when a broker delivers them.
 
 use std::io::Write;
 use std::path::Path;
@@ -32,6 +33,9 @@ fn event(id: &str, ty: &str, data: serde_json::Value) -> String {
     .to_string()
 }
 
+/// A CloudEvent without an `id`.
+const MALFORMED: &str = r#"{"specversion":"1.0","type":"task.created"}"#;
+
 fn samples() -> Vec<Sample> {
     let task = event("task-1", "task.created", json!({"id": 1, "title": "Write the README"}));
     vec![
@@ -40,7 +44,8 @@ fn samples() -> Vec<Sample> {
         Sample { what: "a task without a title", topic: "task-created", body: event("task-2", "task.created", json!({"id": 2})), from_broker: false },
         Sample { what: "a reminder (flaky handler)", topic: "task-reminder", body: event("reminder-1", "task.reminder", json!({"task_id": 1, "succeed_on_attempt": 3})), from_broker: false },
         Sample { what: "an archive request (poison handler)", topic: "task-archived", body: event("archive-1", "task.archived", json!({"task_id": 1})), from_broker: false },
-        Sample { what: "a malformed CloudEvent, from the broker", topic: "task-created", body: r#"{"specversion":"1.0","type":"task.created"}"#.into(), from_broker: true },
+        Sample { what: "a malformed CloudEvent, published", topic: "task-created", body: MALFORMED.into(), from_broker: false },
+        Sample { what: "the same, delivered by a broker", topic: "task-created", body: MALFORMED.into(), from_broker: true },
     ]
 }
 
@@ -59,16 +64,25 @@ pub async fn run(manifest_path: &Path, out: &mut impl Write) -> anyhow::Result<(
 
     writeln!(out, "Publishing the todo demo's events:")?;
     let samples = samples();
+    // Deliveries the host will report on (a refused publish never arrives).
+    let mut expected = 0;
     for sample in &samples {
         let body = bytes::Bytes::from(sample.body.clone());
         let answer = if sample.from_broker {
             // A broker hands the host whatever a producer put on the topic;
             // the publish API would have refused this one up front.
             let delivery = Delivery::to_topic("pubsub", sample.topic, body, Some(CLOUDEVENTS_JSON.to_owned()));
-            format!("delivered, answered {:?}", host.deliver(delivery).await)
+            expected += 1;
+            match host.deliver(delivery).await {
+                DaprStatus::Drop => "delivered; answered DROP (dead-lettered)".to_owned(),
+                other => format!("delivered; answered {other:?}"),
+            }
         } else {
             match host.publish("pubsub", sample.topic, body, Some(CLOUDEVENTS_JSON)).await {
-                Ok(()) => "accepted".to_owned(),
+                Ok(()) => {
+                    expected += 1;
+                    "accepted".to_owned()
+                }
                 Err(error) => format!("refused: {error}"),
             }
         };
@@ -78,7 +92,7 @@ pub async fn run(manifest_path: &Path, out: &mut impl Write) -> anyhow::Result<(
     writeln!(out, "\nWhat the host did with each delivery:")?;
     let mut settled = 0;
     let deadline = tokio::time::Instant::now() + DEMO_TIMEOUT;
-    while settled < samples.len() {
+    while settled < expected {
         let report = tokio::time::timeout_at(deadline, reports.recv())
             .await
             .context("the demo's events did not all settle in time")??;

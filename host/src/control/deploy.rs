@@ -112,7 +112,7 @@ pub struct Deployer {
 
 impl Deployer {
     /// A deployer for `registry`'s handlers, compiling with `runtime`.
-    pub fn new(registry: Arc<Registry>, runtime: Runtime) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>, runtime: Runtime) -> Self {
         let (events, _) = tokio::sync::broadcast::channel(DEPLOY_EVENT_BUFFER);
         Self { registry, runtime, on_new_topic: None, events }
     }
@@ -138,7 +138,7 @@ impl Deployer {
     }
 
     /// Calls `hook` for each topic a new handler needs delivered.
-    pub fn with_topic_hook(mut self, hook: TopicHook) -> Self {
+    pub(crate) fn with_topic_hook(mut self, hook: TopicHook) -> Self {
         self.on_new_topic = Some(hook);
         self
     }

@@ -6,6 +6,8 @@
 //!   `compile_checked` before it serves;
 //! - [`watch`]: deploy on file change (`wasmsub run --watch`).
 
-pub mod deploy;
-pub mod registry;
-pub mod watch;
+mod deploy;
+pub(crate) mod registry;
+pub(crate) mod watch;
+
+pub use deploy::{DeployError, DeployEvent, Deployer, NewHandler, TopicHook, VersionChange};

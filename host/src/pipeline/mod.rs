@@ -7,14 +7,14 @@
 //! broker's answer), or [`dead_letter`]. Every path ends in one
 //! [`Outcome`], one log line and one [`EventReport`].
 
-pub mod commit;
-pub mod dead_letter;
-pub mod dedupe;
-pub mod dispatch;
-pub mod effects;
-pub mod outcome;
-pub mod receive;
-pub mod retry;
+pub(crate) mod commit;
+pub(crate) mod dead_letter;
+pub(crate) mod dedupe;
+mod dispatch;
+pub(crate) mod effects;
+pub(crate) mod outcome;
+pub(crate) mod receive;
+pub(crate) mod retry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +33,14 @@ use crate::runtime::{AttemptResult, HandlerComponent, Runtime};
 use crate::store::{Claim, ClaimToken, DedupeKey, DeliveryStore};
 use dead_letter::DeadLetterLog;
 use dispatch::Attempt;
-use outcome::{DuplicateOf, Outcome};
-use receive::Rejection;
+
+pub use commit::outgoing_id;
+pub use dead_letter::DeadLetter;
+pub use dedupe::{IdError, IdMode, background_content_id};
+pub use effects::{PendingPublish, StateWrite};
+pub use outcome::{DaprStatus, DuplicateOf, Outcome};
+pub use receive::{Payload, Rejection};
+pub use retry::{Backoff, RetryPolicy};
 
 /// Reports buffered for slow subscribers (the demo, tests); older ones are
 /// skipped rather than slowing the pipeline.
@@ -60,7 +66,7 @@ pub struct EventReport {
 }
 
 /// The parts a pipeline works with.
-pub struct PipelineParts {
+pub(crate) struct PipelineParts {
     /// Claims, tenant state and the outbox.
     pub store: Arc<dyn DeliveryStore>,
     /// The WebAssembly runtime attempts run on.
@@ -76,7 +82,7 @@ pub struct PipelineParts {
 }
 
 /// The stages, in order, for one event and one handler.
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     store: Arc<dyn DeliveryStore>,
     runtime: Runtime,
     publisher: Arc<dyn Publisher>,

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use std::sync::Arc;
 
-use crate::control::deploy::{DeployError, Deployer, NewHandler};
+use crate::control::{DeployError, Deployer, NewHandler};
 use crate::control::registry::Registry;
 use crate::pipeline::Pipeline;
 use crate::pipeline::dead_letter::DeadLetter;

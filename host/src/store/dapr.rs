@@ -13,12 +13,12 @@
 //!   done record: the pipeline publishes it right after the commit, and a
 //!   redelivery that finds a done record with unpublished entries publishes
 //!   them before it is acknowledged. Entries keep stable CloudEvent ids.
-//!   Once published, the record is rewritten without them, with a plain
-//!   save: this process wrote the record and knows its content, so no read
-//!   is needed, and a concurrent writer could only write the same.
+//!   Once published, the record is rewritten without them. That rewrite
+//!   needs the record's ETag (a key created with first-write concurrency
+//!   accepts no write without one on Redis), so it costs a read too.
 //! - Tenant state lives under [`keys::dapr_state_key`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -60,9 +60,8 @@ pub struct DaprStore {
 struct Pending {
     next_id: OutboxId,
     entries: BTreeMap<OutboxId, (String, OutboundMessage)>,
-    /// The done record of each claim key with pending entries, as it is to
-    /// be written back once they are all published.
-    done: HashMap<String, Record>,
+    /// Claim keys with pending entries.
+    keys: HashSet<String>,
 }
 
 fn unavailable(error: SidecarError) -> StoreError {
@@ -115,12 +114,11 @@ impl DaprStore {
     }
 
     /// Queues a done record's outbox for publishing (once per process).
-    fn remember_outbox(&self, key: &str, record: &Record, outbox: &[OutboundMessage]) -> Vec<OutboxId> {
+    fn remember_outbox(&self, key: &str, outbox: &[OutboundMessage]) -> Vec<OutboxId> {
         let mut pending = self.pending();
-        if pending.done.contains_key(key) {
+        if !pending.keys.insert(key.to_owned()) {
             return Vec::new(); // already queued by this process
         }
-        pending.done.insert(key.to_owned(), record.clone());
         let mut ids = Vec::with_capacity(outbox.len());
         for message in outbox {
             let id = pending.next_id;
@@ -132,11 +130,20 @@ impl DaprStore {
     }
 
     /// Rewrites a done record without its outbox once all of it is out.
-    async fn clear_outbox(&self, key: &str, record: Record) -> Result<(), StoreError> {
-        let Record::Done { expires_ms, .. } = record else { return Ok(()) };
+    async fn clear_outbox(&self, key: &str) -> Result<(), StoreError> {
+        let Some((stored, etag)) = self.load(key).await? else { return Ok(()) };
+        let Record::Done { expires_ms, .. } = stored.record else { return Ok(()) };
+        if stored.outbox.is_empty() {
+            return Ok(());
+        }
         let ttl = Duration::from_millis(expires_ms.saturating_sub(self.clock.now_ms()));
-        let item = StateItem::new(key.to_owned(), Some(to_value(&StoredClaim { record, outbox: Vec::new() }))).ttl(ttl);
-        self.sidecar.save_state(&self.store_name, &[item]).await.map_err(unavailable)
+        let cleared = StoredClaim { record: stored.record, outbox: Vec::new() };
+        let item = StateItem::new(key.to_owned(), Some(to_value(&cleared))).first_write(etag).ttl(ttl);
+        match self.sidecar.save_state(&self.store_name, &[item]).await {
+            // Someone else changed it meanwhile: their copy is newer.
+            Ok(()) | Err(SidecarError::Conflict { .. }) => Ok(()),
+            Err(error) => Err(unavailable(error)),
+        }
     }
 
     /// Decides a claim against the record that made the insert fail.
@@ -147,7 +154,7 @@ impl DaprStore {
             && !stored.outbox.is_empty()
         {
             // Committed but maybe never published (the last holder died).
-            self.remember_outbox(&record_key, &stored.record, &stored.outbox);
+            self.remember_outbox(&record_key, &stored.outbox);
             return Ok(Claim::DonePublishPending);
         }
         let Some(record) = record else { return Ok(answer) };
@@ -216,7 +223,7 @@ impl DeliveryStore for DaprStore {
         let (stored, etag) = self.load(&record_key).await?.ok_or_else(|| StoreError::ClaimLost(commit.claim.key.clone()))?;
         claim::check_owner(Some(&stored.record), commit.claim)?;
         let record = Record::Done { kind: commit.completion.into(), expires_ms: clock::after_ms(self.clock.now_ms(), commit.ttl) };
-        let done = StoredClaim { record: record.clone(), outbox: commit.outbox.to_vec() };
+        let done = StoredClaim { record, outbox: commit.outbox.to_vec() };
         let mut operations = vec![Operation::upsert(StateItem::new(record_key.clone(), Some(to_value(&done))).first_write(etag).ttl(commit.ttl))];
         for (key, value) in commit.state_writes {
             let key = keys::dapr_state_key(commit.tenant, key);
@@ -237,7 +244,7 @@ impl DeliveryStore for DaprStore {
         if commit.outbox.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self.remember_outbox(&record_key, &record, commit.outbox))
+        Ok(self.remember_outbox(&record_key, commit.outbox))
     }
 
     async fn get_state(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -258,11 +265,12 @@ impl DeliveryStore for DaprStore {
             if pending.entries.values().any(|(k, _)| *k == key) {
                 None
             } else {
-                pending.done.remove(&key).map(|record| (key, record))
+                pending.keys.remove(&key);
+                Some(key)
             }
         };
         match finished {
-            Some((key, record)) => self.clear_outbox(&key, record).await,
+            Some(key) => self.clear_outbox(&key).await,
             None => Ok(()),
         }
     }

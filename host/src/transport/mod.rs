@@ -9,8 +9,11 @@
 //! - [`embedded`]: the in-process broker (a queue the dispatcher drains)
 //!   and its publish API ([`publish_api`]).
 
-pub mod dapr_app;
-pub mod dapr_streaming;
-pub mod dapr_subscriptions;
-pub mod embedded;
-pub mod publish_api;
+pub(crate) mod dapr_app;
+pub(crate) mod dapr_streaming;
+mod dapr_subscriptions;
+pub(crate) mod embedded;
+pub(crate) mod publish_api;
+
+pub use dapr_subscriptions::{BulkSubscribe, Routes, Rule, Subscription};
+pub use embedded::PublishError;
