@@ -14,6 +14,9 @@
 
 use std::sync::Arc;
 
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
 use crate::cloudevent::{CloudEvent, MalformedEvent};
 use crate::control::registry::{Handler, Registry, RouteTarget};
 use crate::pipeline::Pipeline;
@@ -58,16 +61,40 @@ impl Delivery {
 pub struct Door {
     registry: Arc<Registry>,
     pipeline: Arc<Pipeline>,
+    /// Deliveries inside the door at once; beyond it, the broker is asked
+    /// to come back (RETRY) instead of the host queueing without bound.
+    admission: Arc<Semaphore>,
+    max_in_flight: usize,
+    stopping: CancellationToken,
 }
 
 impl Door {
-    /// A door onto `pipeline`, routing by `registry`.
-    pub(crate) fn new(registry: Arc<Registry>, pipeline: Arc<Pipeline>) -> Self {
-        Self { registry, pipeline }
+    /// A door onto `pipeline`, routing by `registry`, admitting at most
+    /// `max_in_flight` deliveries at once; answers RETRY once `stopping`.
+    pub(crate) fn new(registry: Arc<Registry>, pipeline: Arc<Pipeline>, max_in_flight: usize, stopping: CancellationToken) -> Self {
+        let max_in_flight = max_in_flight.max(1);
+        Self { registry, pipeline, admission: Arc::new(Semaphore::new(max_in_flight)), max_in_flight, stopping }
+    }
+
+    /// Deliveries inside the door now.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight.saturating_sub(self.admission.available_permits())
     }
 
     /// Handles one delivery; the answer for the broker.
     pub async fn deliver(&self, delivery: Delivery) -> DaprStatus {
+        if self.stopping.is_cancelled() {
+            tracing::debug!("host stopping; asking for redelivery");
+            return DaprStatus::Retry;
+        }
+        let Ok(_admitted) = self.admission.try_acquire() else {
+            tracing::debug!(destination = ?delivery.destination, "host at its in-flight bound; asking for redelivery");
+            return DaprStatus::Retry;
+        };
+        self.route_and_run(delivery).await
+    }
+
+    async fn route_and_run(&self, delivery: Delivery) -> DaprStatus {
         let Some((pubsub, topic, group)) = self.addressees(&delivery.destination) else {
             // Dapr drops an event answered 404 or SUCCESS: an unknown route
             // keeps the event by asking for it again.

@@ -20,6 +20,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::{BudgetInputs, MemoryBudget};
 use crate::clock::{self, SharedClock};
 use crate::control::Deployer;
 use crate::control::registry::Registry;
@@ -32,9 +33,9 @@ use crate::pipeline::dead_letter::DeadLetter;
 use crate::pipeline::outcome::DaprStatus;
 use crate::pipeline::{EventReport, Pipeline, PipelineParts};
 use crate::runtime::{EngineConfig, Runtime};
-use crate::server::{self, admin::AdminState};
+use crate::server::{self, admin::AdminState, health::HealthState};
 use crate::sidecar::Sidecar;
-use crate::store::{DaprStore, DeliveryStore, EmbeddedStore, MemoryQueue, MessageQueue, QueueLimits};
+use crate::store::{DaprStore, DeliveryStore, EmbeddedOptions, EmbeddedStore, MemoryQueue, MessageQueue, QueueLimits};
 use crate::transport::dapr_streaming::StreamingSubscriptions;
 use crate::transport::embedded::{self, EmbeddedBroker, PublishError};
 use crate::transport::{dapr_app, publish_api};
@@ -81,6 +82,11 @@ pub struct HostOptions {
     pub watch: bool,
     /// What the embedded broker's queue may hold before publishers get 429.
     pub queue_limits: QueueLimits,
+    /// The embedded store's page cache, in bytes.
+    pub store_cache_bytes: usize,
+    /// Deliveries admitted through the door at once (`None`: twice the
+    /// instance slots); beyond it the broker is answered RETRY.
+    pub max_in_flight: Option<usize>,
     /// The clock leases and expiries are read from (tests use a manual one).
     pub clock: SharedClock,
 }
@@ -95,6 +101,8 @@ impl HostOptions {
             admin_token: None,
             watch: false,
             queue_limits: QueueLimits::default(),
+            store_cache_bytes: EmbeddedOptions::default().cache_bytes,
+            max_in_flight: None,
             clock: clock::system(),
         }
     }
@@ -103,6 +111,15 @@ impl HostOptions {
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join("wasmsub.redb")
     }
+}
+
+/// Where committed messages go and where the embedded broker queues.
+enum Wiring {
+    /// Behind Dapr: publishes go to the sidecar.
+    Sidecar(Sidecar),
+    /// Embedded: a queue the broker accepts onto and the pipeline publishes
+    /// into (the store itself, when it is one: then `durable`).
+    Queue { queue: Arc<dyn MessageQueue>, durable: bool },
 }
 
 /// A running host.
@@ -114,8 +131,12 @@ pub struct Host {
     broker: Option<EmbeddedBroker>,
     deployer: Deployer,
     admin_token: Option<Arc<str>>,
+    health: HealthState,
     tasks: TaskTracker,
-    shutdown: CancellationToken,
+    /// Cancelled when the host stops: the door refuses, the dispatcher
+    /// stops taking, retries waiting give their events back, background
+    /// tasks end.
+    stopping: CancellationToken,
 }
 
 impl Host {
@@ -124,14 +145,21 @@ impl Host {
     pub async fn start(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<Self> {
         match &options.backend {
             Backend::Embedded => {
-                let store = Arc::new(EmbeddedStore::open_with_clock(&options.store_path(), options.clock.clone())?);
-                Self::start_with_store(manifest, options, store).await
+                let store_options = EmbeddedOptions {
+                    cache_bytes: options.store_cache_bytes,
+                    queue_limits: options.queue_limits,
+                    clock: options.clock.clone(),
+                };
+                let store = Arc::new(EmbeddedStore::open_with(&options.store_path(), store_options)?);
+                // The store is also the broker's queue: accepted publishes and
+                // committed ones are on disk, in one file.
+                Self::assemble(manifest, options, store.clone(), Wiring::Queue { queue: store, durable: true }).await
             }
             Backend::Dapr { sidecar_url, state_store, grpc_url } => {
                 let sidecar = Sidecar::new(sidecar_url)?;
                 wait_for_sidecar(&sidecar).await?;
                 let store = Arc::new(DaprStore::new(sidecar.clone(), state_store, options.clock.clone()));
-                let host = Self::assemble(manifest, options, store, Some(Arc::new(sidecar))).await?;
+                let host = Self::assemble(manifest, options, store, Wiring::Sidecar(sidecar)).await?;
                 Ok(match grpc_url {
                     Some(grpc_url) => host.with_streaming(grpc_url.clone()),
                     None => host,
@@ -140,13 +168,14 @@ impl Host {
         }
     }
 
-    /// The embedded backend on a given store (benchmarks, tests).
+    /// The embedded backend on a given store with a queue in memory
+    /// (benchmarks, tests): nothing queued survives the process.
     pub async fn start_with_store(manifest: &Manifest, options: &HostOptions, store: Arc<dyn DeliveryStore>) -> anyhow::Result<Self> {
-        Self::assemble(manifest, options, store, None).await
+        let queue = Arc::new(MemoryQueue::new(options.queue_limits));
+        Self::assemble(manifest, options, store, Wiring::Queue { queue, durable: false }).await
     }
 
-    /// `publisher` is the sidecar, or `None` for the embedded broker.
-    async fn assemble(manifest: &Manifest, options: &HostOptions, store: Arc<dyn DeliveryStore>, publisher: Option<Arc<dyn Publisher>>) -> anyhow::Result<Self> {
+    async fn assemble(manifest: &Manifest, options: &HostOptions, store: Arc<dyn DeliveryStore>, wiring: Wiring) -> anyhow::Result<Self> {
         let engine_config = engine_config_for(manifest, options)?;
         let runtime = Runtime::new(&engine_config)?;
         // Compiling components is CPU work: keep it off the async threads.
@@ -155,13 +184,13 @@ impl Host {
             Arc::new(tokio::task::spawn_blocking(move || Registry::load(&manifest, &runtime)).await??)
         };
         let tasks = TaskTracker::new();
-        let shutdown = CancellationToken::new();
-        let (publisher, embedded) = match publisher {
-            Some(publisher) => (publisher, None),
-            None => {
-                let queue: Arc<dyn MessageQueue> = Arc::new(MemoryQueue::new(options.queue_limits));
+        let stopping = CancellationToken::new();
+        let max_in_flight = options.max_in_flight.unwrap_or(2 * engine_config.instance_slots as usize);
+        let (publisher, sidecar, embedded): (Arc<dyn Publisher>, _, _) = match wiring {
+            Wiring::Sidecar(sidecar) => (Arc::new(sidecar.clone()), Some(sidecar), None),
+            Wiring::Queue { queue, durable } => {
                 let broker = EmbeddedBroker::new(queue.clone(), registry.clone(), options.clock.clone());
-                (Arc::new(broker.clone()) as Arc<dyn Publisher>, Some((broker, queue)))
+                (Arc::new(broker.clone()), None, Some((broker, queue, durable)))
             }
         };
         let relay_trigger = RelayTrigger::default();
@@ -172,29 +201,46 @@ impl Host {
             relay: relay_trigger.clone(),
             idempotency: manifest.idempotency.clone(),
             clock: options.clock.clone(),
+            stopping: stopping.clone(),
         }));
-        let door = Arc::new(Door::new(registry.clone(), pipeline.clone()));
-        let broker = embedded.map(|(broker, queue)| {
-            let in_flight = engine_config.instance_slots as usize;
-            tasks.spawn(embedded::run_dispatcher(queue, door.clone(), in_flight, options.clock.clone(), tasks.clone(), shutdown.clone()));
+        let door = Arc::new(Door::new(registry.clone(), pipeline.clone(), max_in_flight, stopping.clone()));
+        let budget = Arc::new(MemoryBudget::compute(manifest, &registry, &BudgetInputs {
+            engine: &engine_config,
+            max_in_flight,
+            queue: embedded.as_ref().map(|(_, _, durable)| (options.queue_limits, !durable)),
+            store_cache_bytes: if embedded.as_ref().is_some_and(|(_, _, durable)| *durable) { options.store_cache_bytes } else { 0 },
+        }));
+        tracing::info!(bound = %budget, "memory bound from the configuration");
+        let health = HealthState {
+            store: store.clone(),
+            queue: embedded.as_ref().map(|(_, queue, durable)| (queue.clone(), options.queue_limits, *durable)),
+            sidecar,
+            door: door.clone(),
+            stopping: stopping.clone(),
+            budget,
+        };
+        let broker = embedded.map(|(broker, queue, _)| {
+            // The dispatcher takes no more than the door admits.
+            let in_flight = max_in_flight.min(engine_config.instance_slots as usize);
+            tasks.spawn(embedded::run_dispatcher(queue, door.clone(), in_flight, options.clock.clone(), tasks.clone(), stopping.clone()));
             broker
         });
-        tasks.spawn(relay::run(store.clone(), publisher, relay_trigger.clone(), shutdown.clone()));
-        tasks.spawn(purge_expired(store, shutdown.clone()));
+        tasks.spawn(relay::run(store.clone(), publisher, relay_trigger.clone(), stopping.clone()));
+        tasks.spawn(purge_expired(store, stopping.clone()));
         let deployer = Deployer::new(registry.clone(), runtime);
         if options.watch {
-            tasks.spawn(watch::start(registry.clone(), deployer.clone(), shutdown.clone())?);
+            tasks.spawn(watch::start(registry.clone(), deployer.clone(), stopping.clone())?);
         }
         // Entries a previous run committed but did not publish go out now.
         relay_trigger.poke();
         let admin_token = options.admin_token.as_deref().map(Arc::from);
-        Ok(Self { registry, pipeline, door, broker, deployer, admin_token, tasks, shutdown })
+        Ok(Self { registry, pipeline, door, broker, deployer, admin_token, health, tasks, stopping })
     }
 
     /// Behind Dapr: topics that handlers deployed at runtime need are
     /// delivered through streaming subscriptions on `grpc_url`.
     fn with_streaming(mut self, grpc_url: String) -> Self {
-        let streams = StreamingSubscriptions::new(grpc_url, &self.registry, self.door.clone(), self.tasks.clone(), self.shutdown.clone());
+        let streams = StreamingSubscriptions::new(grpc_url, &self.registry, self.door.clone(), self.tasks.clone(), self.stopping.clone());
         self.deployer = self.deployer.with_topic_hook(Arc::new(move |pubsub: &str, topic: &str| streams.ensure(pubsub, topic)));
         self
     }
@@ -206,6 +252,7 @@ impl Host {
             pipeline: self.pipeline.clone(),
             deployer: self.deployer.clone(),
             admin_token: self.admin_token.clone(),
+            store: self.pipeline.store().clone(),
         };
         // The app routes serve both backends, so the embedded host also
         // answers deliveries in Dapr's shape; Dapr's publish API is the
@@ -214,7 +261,7 @@ impl Host {
         if let Some(broker) = &self.broker {
             transports = transports.merge(publish_api::routes(broker.clone()));
         }
-        server::router(admin, transports)
+        server::router(admin, self.health.clone(), transports)
     }
 
     /// Publishes through the embedded broker's publish API (as
@@ -246,8 +293,8 @@ impl Host {
     }
 
     /// Recent dead letters, newest last.
-    pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        self.pipeline.dead_letters()
+    pub async fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.pipeline.dead_letters().await
     }
 
     /// Deploys and rollbacks.
@@ -260,12 +307,38 @@ impl Host {
         self.registry.find(tenant, handler).map(|h| h.current().version.clone())
     }
 
-    /// Stops background work and waits (bounded) for deliveries in progress.
+    /// Why the host cannot take events now (empty: it can).
+    pub async fn not_ready_because(&self) -> Vec<String> {
+        self.health.not_ready_because().await
+    }
+
+    /// The token whose cancellation starts the stop (the door refuses new
+    /// deliveries at once); [`Host::shutdown`] cancels it too.
+    pub fn stopping(&self) -> CancellationToken {
+        self.stopping.clone()
+    }
+
+    /// Stops taking events, lets attempts in progress finish (bounded by
+    /// [`DRAIN_TIMEOUT`]), and says what it left: queued messages stay in
+    /// the queue (on disk, for the next start, with the embedded store).
     pub async fn shutdown(self) {
-        self.shutdown.cancel();
+        self.stopping.cancel();
         self.tasks.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT, self.tasks.wait()).await.is_err() {
-            tracing::warn!("deliveries still running after {DRAIN_TIMEOUT:?}; stopping anyway");
+        let finished = tokio::time::timeout(DRAIN_TIMEOUT, self.tasks.wait()).await.is_ok();
+        let still_running = self.door.in_flight();
+        match &self.health.queue {
+            Some((queue, _, durable)) => {
+                let (messages, bytes) = queue.index().depth();
+                if *durable {
+                    tracing::info!(queued = messages, bytes, still_running, "host stopped; queued messages stay on disk and are delivered after a restart");
+                } else if messages > 0 {
+                    tracing::warn!(lost = messages, bytes, still_running, "host stopped; its queue was in memory and its messages are lost");
+                }
+            }
+            None => tracing::info!(still_running, "host stopped; the broker redelivers what was not answered"),
+        }
+        if !finished {
+            tracing::warn!(still_running, "deliveries still running after {DRAIN_TIMEOUT:?}; stopping anyway (their events come again: nothing of them was committed)");
         }
     }
 }
@@ -331,7 +404,14 @@ pub fn check(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<usize
 /// Runs the host, serving HTTP on `listener`, until `shutdown`.
 pub async fn run(listener: TcpListener, manifest: Manifest, options: HostOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let host = Host::start(&manifest, &options).await.context("starting the host")?;
-    let served = server::serve(listener, host.router(), shutdown).await;
+    let stopping = host.stopping();
+    // The stop begins when the signal comes, not when the server has
+    // drained: requests in progress see the door closed and answer RETRY.
+    let signalled = async move {
+        shutdown.await;
+        stopping.cancel();
+    };
+    let served = server::serve(listener, host.router(), signalled).await;
     host.shutdown().await;
     served
 }

@@ -21,6 +21,7 @@
 //! (the command's client and demo).
 #![deny(missing_docs)]
 
+mod budget;
 pub mod cli;
 pub mod clock;
 pub mod cloudevent;
@@ -36,6 +37,7 @@ pub mod sidecar;
 pub mod store;
 pub mod transport;
 
+pub use budget::MemoryBudget;
 pub use delivery::{Delivery, Destination, Door};
 pub use host::{Backend, Host, HostOptions, check, run};
 pub use manifest::Manifest;

@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use wasmsub::cli::{client, demo};
 use wasmsub::runtime::EngineConfig;
+use wasmsub::store::QueueLimits;
 use wasmsub::{Backend, HostOptions, Manifest};
 
 /// Run sandboxed WebAssembly event handlers next to a Dapr sidecar.
@@ -162,13 +163,32 @@ struct HostArgs {
     /// Instance pool size: the most events handled at once across tenants.
     #[arg(long, env = "WASMSUB_INSTANCE_SLOTS", default_value_t = EngineConfig::default().instance_slots)]
     instance_slots: u32,
+    /// Deliveries admitted at once (default: twice --instance-slots); past
+    /// it the broker is answered RETRY instead of the host queueing them.
+    #[arg(long, env = "WASMSUB_MAX_IN_FLIGHT")]
+    max_in_flight: Option<usize>,
+    /// Messages the embedded broker's queue holds before publishers get 429.
+    #[arg(long, env = "WASMSUB_QUEUE_MAX_MESSAGES", default_value_t = QueueLimits::default().max_messages)]
+    queue_max_messages: usize,
+    /// MiB of message bodies the embedded broker's queue holds before publishers get 429.
+    #[arg(long, env = "WASMSUB_QUEUE_MAX_MIB", default_value_t = QueueLimits::default().max_bytes >> 20)]
+    queue_max_mib: usize,
+    /// MiB of the embedded store's page cache (part of the host's memory bound).
+    #[arg(long, env = "WASMSUB_STORE_CACHE_MIB", default_value_t = HostOptions::embedded(".".into()).store_cache_bytes >> 20)]
+    store_cache_mib: usize,
 }
 
 impl HostArgs {
     fn load(&self) -> anyhow::Result<(Manifest, HostOptions)> {
         let manifest = Manifest::load(&self.manifest)?;
         let engine = EngineConfig { instance_slots: self.instance_slots, ..EngineConfig::default() };
-        let options = HostOptions { engine, ..HostOptions::embedded(self.data_dir.clone()) };
+        let options = HostOptions {
+            engine,
+            max_in_flight: self.max_in_flight,
+            queue_limits: QueueLimits { max_messages: self.queue_max_messages, max_bytes: self.queue_max_mib << 20 },
+            store_cache_bytes: self.store_cache_mib << 20,
+            ..HostOptions::embedded(self.data_dir.clone())
+        };
         Ok((manifest, options))
     }
 }

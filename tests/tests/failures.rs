@@ -51,7 +51,7 @@ async fn poison_is_dead_lettered_with_its_reason_after_max_attempts() {
     assert_eq!(extensions["wasmsubattempts"], "3");
     assert_eq!(extensions["wasmsubhandler"], "poison");
     assert_eq!(extensions["wasmsubversion"], report.handler_version.as_str());
-    let listed = host.host.dead_letters();
+    let listed = host.host.dead_letters().await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].event_id, "p-1");
 }

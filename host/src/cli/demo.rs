@@ -106,7 +106,7 @@ pub async fn run(manifest_path: &Path, out: &mut impl Write) -> anyhow::Result<(
     let stored = host.store().get_state("todo", "task:1").await?;
     writeln!(out, "\nState of tenant `todo`, key `task:1`: {}", stored.map_or("(none)".into(), |v| String::from_utf8_lossy(&v).into_owned()))?;
     writeln!(out, "\nDead-letter topics received:")?;
-    for entry in host.dead_letters() {
+    for entry in host.dead_letters().await {
         writeln!(out, "  {} <- {} ({} attempt(s)): {}", entry.dead_letter_topic, entry.event_id.chars().take(24).collect::<String>(), entry.attempts, entry.reason)?;
     }
     host.shutdown().await;

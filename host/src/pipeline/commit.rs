@@ -44,6 +44,7 @@ impl Pipeline {
             tenant: &handler.tenant.namespace,
             state_writes: &writes,
             outbox: &outbox,
+            dead_letter: None,
             ttl: self.idempotency.ttl,
         };
         let committed = self.store.finish(commit).await;
@@ -80,12 +81,14 @@ impl Pipeline {
             at: clock::rfc3339(self.clock.now_ms()),
         };
         let message = entry.message_for(&handler.config.pubsub, original);
+        let record = serde_json::to_vec(&entry).expect("a dead letter serialises");
         let commit = Commit {
             claim: token,
             completion: Completion::DeadLettered,
             tenant: &handler.tenant.namespace,
             state_writes: &[],
             outbox: std::slice::from_ref(&message),
+            dead_letter: Some(&record),
             ttl: self.idempotency.ttl,
         };
         match self.store.finish(commit).await {

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::clock::SharedClock;
@@ -79,6 +80,9 @@ pub(crate) struct PipelineParts {
     pub idempotency: IdempotencyConfig,
     /// Wall time, for dead-letter timestamps.
     pub clock: SharedClock,
+    /// Cancelled when the host stops: events waiting to retry give up
+    /// their claim and are redelivered later, instead of holding the stop.
+    pub stopping: CancellationToken,
 }
 
 /// The stages, in order, for one event and one handler.
@@ -89,6 +93,7 @@ pub(crate) struct Pipeline {
     relay: RelayTrigger,
     idempotency: IdempotencyConfig,
     clock: SharedClock,
+    stopping: CancellationToken,
     dead_letters: DeadLetterLog,
     reports: broadcast::Sender<EventReport>,
 }
@@ -119,6 +124,7 @@ impl Pipeline {
             relay: parts.relay,
             idempotency: parts.idempotency,
             clock: parts.clock,
+            stopping: parts.stopping,
             dead_letters: DeadLetterLog::default(),
             reports,
         }
@@ -129,9 +135,17 @@ impl Pipeline {
         &self.store
     }
 
-    /// Recent dead letters, newest last.
-    pub fn dead_letters(&self) -> Vec<dead_letter::DeadLetter> {
-        self.dead_letters.list()
+    /// Recent dead letters, newest last: from the store when it keeps them
+    /// (they survive a restart), else those of this process.
+    pub async fn dead_letters(&self) -> Vec<DeadLetter> {
+        match self.store.recent_dead_letters(dead_letter::DEAD_LETTER_LOG_CAPACITY).await {
+            Ok(Some(records)) => records.iter().filter_map(|r| serde_json::from_slice(r).ok()).collect(),
+            Ok(None) => self.dead_letters.list(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read dead letters from the store; listing this process's");
+                self.dead_letters.list()
+            }
+        }
     }
 
     /// Every later outcome, as it happens.
@@ -203,7 +217,12 @@ impl Pipeline {
             let delay = policy.next_delay_jittered(attempt, rand::random());
             HandlerCounts::add(&handler.counts.retries);
             tracing::info!(messaging.attempt = attempt, %reason, retry_in = %humantime::format_duration(delay), "attempt failed; will retry");
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stopping.cancelled() => {
+                    return self.defer(&token, format!("the host is stopping; attempt {attempt} failed ({reason}), the next comes with the redelivery")).await;
+                }
+            }
             attempt += 1;
         }
     }

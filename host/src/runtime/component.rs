@@ -18,6 +18,8 @@ pub struct HandlerComponent {
     pub version: String,
     /// Where it came from (a file, or an upload's description).
     pub path: PathBuf,
+    /// Bytes of compiled code this version keeps in memory.
+    pub code_bytes: usize,
     pub(super) pre: HandlerPre<AttemptState>,
 }
 
@@ -86,7 +88,9 @@ pub fn from_bytes(
     // Unsatisfied imports fail here, missing or mistyped exports in
     // `HandlerPre::new`: both mean "not a handler".
     let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld { path: path.to_owned(), reason: format!("{e:#}") };
+    let image = component.image_range();
+    let code_bytes = (image.end as usize).saturating_sub(image.start as usize);
     let instance_pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
     let pre = HandlerPre::new(instance_pre).map_err(wrong_world)?;
-    Ok(HandlerComponent { version, path: path.to_owned(), pre })
+    Ok(HandlerComponent { version, path: path.to_owned(), code_bytes, pre })
 }

@@ -1,8 +1,8 @@
-//! Health and read-only views: `GET /healthz` (and Dapr's
-//! `/v1.0/healthz`), `GET /wasmsub/handlers`, `GET /wasmsub/dead-letters`;
-//! and the token-protected writes: `PUT
+//! Read-only views: `GET /wasmsub/handlers`, `GET /wasmsub/dead-letters`;
+//! and the token-protected admin API: `PUT
 //! /admin/tenants/{tenant}/handlers/{handler}/component` (deploy the body as
-//! the new version) and `POST .../rollback`.
+//! the new version), `POST .../rollback`, and `GET
+//! /admin/tenants/{tenant}/state/{key}` (a tenant's committed state value).
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -19,6 +19,7 @@ use crate::control::{DeployError, Deployer, NewHandler};
 use crate::control::registry::Registry;
 use crate::pipeline::Pipeline;
 use crate::pipeline::dead_letter::DeadLetter;
+use crate::store::DeliveryStore;
 
 /// What the admin routes read and change.
 #[derive(Clone)]
@@ -29,8 +30,10 @@ pub struct AdminState {
     pub pipeline: Arc<Pipeline>,
     /// Deploys and rollbacks.
     pub deployer: Deployer,
-    /// The bearer token of the admin API; `None` disables its writes.
+    /// The bearer token of the admin API; `None` disables it.
     pub admin_token: Option<Arc<str>>,
+    /// For tenant state.
+    pub store: Arc<dyn DeliveryStore>,
 }
 
 /// Largest upload the admin API reads; each tenant's own limit
@@ -40,16 +43,10 @@ const MAX_UPLOAD_BYTES: usize = 256 * 1024 * 1024;
 /// Health, views, and the token-protected writes.
 pub fn routes(state: AdminState) -> Router {
     Router::new()
-        .route("/healthz", get(health))
-        .route("/v1.0/healthz", get(health))
         .route("/wasmsub/handlers", get(handlers))
         .route("/wasmsub/dead-letters", get(dead_letters))
         .merge(write_routes())
         .with_state(state)
-}
-
-async fn health() -> StatusCode {
-    StatusCode::NO_CONTENT
 }
 
 async fn handlers(State(state): State<AdminState>) -> Json<Value> {
@@ -75,13 +72,14 @@ async fn handlers(State(state): State<AdminState>) -> Json<Value> {
 }
 
 async fn dead_letters(State(state): State<AdminState>) -> Json<Vec<DeadLetter>> {
-    Json(state.pipeline.dead_letters())
+    Json(state.pipeline.dead_letters().await)
 }
 
 fn write_routes() -> Router<AdminState> {
     Router::new()
         .route("/admin/tenants/{tenant}/handlers/{handler}/component", put(deploy))
         .route("/admin/tenants/{tenant}/handlers/{handler}/rollback", post(rollback))
+        .route("/admin/tenants/{tenant}/state/{key}", get(state_value))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
 }
 
@@ -152,5 +150,20 @@ async fn rollback(State(state): State<AdminState>, Path((tenant, handler)): Path
     match state.deployer.rollback(&tenant, &handler) {
         Ok(change) => Json(change).into_response(),
         Err(failure) => deploy_error(failure),
+    }
+}
+
+/// A tenant's committed value of `key`, as the bytes its handler wrote.
+async fn state_value(State(state): State<AdminState>, Path((tenant, key)): Path<(String, String)>, headers: HeaderMap) -> Response {
+    if let Err((status, why)) = authorize(&state, &headers) {
+        return error(status, why);
+    }
+    let Some(owner) = state.registry.tenant(&tenant) else {
+        return error(StatusCode::NOT_FOUND, &format!("no tenant `{tenant}` (tenants come from the manifest)"));
+    };
+    match state.store.get_state(&owner.namespace, &key).await {
+        Ok(Some(value)) => ([(header::CONTENT_TYPE, "application/octet-stream")], value).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, &format!("tenant `{tenant}` has no state under that key")),
+        Err(failure) => error(StatusCode::SERVICE_UNAVAILABLE, &failure.to_string()),
     }
 }

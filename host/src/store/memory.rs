@@ -2,7 +2,7 @@
 //! unit tests and for the benchmark's breakdown of where time goes; nothing
 //! survives a restart, so the service never uses it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -30,7 +30,11 @@ struct Inner {
     state: HashMap<(String, String), Vec<u8>>,
     outbox: BTreeMap<OutboxId, OutboundMessage>,
     next_outbox_id: OutboxId,
+    dead_letters: VecDeque<Vec<u8>>,
 }
+
+/// Dead-letter records kept for listing.
+const DEAD_LETTERS_KEPT: usize = 1000;
 
 impl MemoryStore {
     /// An empty store reading time from `clock`.
@@ -77,6 +81,12 @@ impl DeliveryStore for MemoryStore {
                 None => inner.state.remove(&key),
             };
         }
+        if let Some(record) = commit.dead_letter {
+            if inner.dead_letters.len() == DEAD_LETTERS_KEPT {
+                inner.dead_letters.pop_front();
+            }
+            inner.dead_letters.push_back(record.to_vec());
+        }
         let mut ids = Vec::with_capacity(commit.outbox.len());
         for message in commit.outbox {
             let id = inner.next_outbox_id;
@@ -98,6 +108,12 @@ impl DeliveryStore for MemoryStore {
     async fn remove_outbox(&self, id: OutboxId) -> Result<(), StoreError> {
         self.lock().outbox.remove(&id);
         Ok(())
+    }
+
+    async fn recent_dead_letters(&self, limit: usize) -> Result<Option<Vec<Vec<u8>>>, StoreError> {
+        let inner = self.lock();
+        let skip = inner.dead_letters.len().saturating_sub(limit);
+        Ok(Some(inner.dead_letters.iter().skip(skip).cloned().collect()))
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {

@@ -27,7 +27,7 @@ use crate::pipeline::effects::StateWrite;
 
 pub use claim::{Claim, ClaimToken, DoneKind};
 pub use dapr::DaprStore;
-pub use embedded::EmbeddedStore;
+pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use keys::DedupeKey;
 pub use memory::MemoryStore;
 pub use queue::{IndexHandle, MemoryQueue, MessageId, MessageQueue, QueueError, QueueIndex, QueueLimits, QueuedMessage, SharedIndex, Settle, Taken};
@@ -91,6 +91,9 @@ pub struct Commit<'a> {
     /// Messages to publish once the commit holds (guest publishes, or the
     /// dead letter).
     pub outbox: &'a [OutboundMessage],
+    /// A dead-lettered event's record (JSON), for stores that keep recent
+    /// dead letters for listing.
+    pub dead_letter: Option<&'a [u8]>,
     /// How long the done marker is remembered.
     pub ttl: Duration,
 }
@@ -120,4 +123,15 @@ pub trait DeliveryStore: Send + Sync + 'static {
 
     /// Forgets done markers and claims past their expiry; returns how many.
     async fn purge_expired(&self) -> Result<usize, StoreError>;
+
+    /// The newest `limit` dead-letter records (oldest first), or `None` if
+    /// this store does not keep them (the dead-letter topic is the record).
+    async fn recent_dead_letters(&self, _limit: usize) -> Result<Option<Vec<Vec<u8>>>, StoreError> {
+        Ok(None)
+    }
+
+    /// Why the store cannot be used right now, if it knows (readiness).
+    fn trouble(&self) -> Option<String> {
+        None
+    }
 }

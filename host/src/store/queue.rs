@@ -180,6 +180,11 @@ impl QueueIndex {
         self.ready.push_back(id);
     }
 
+    /// Whether `id` is queued (due, delayed or out for delivery).
+    pub fn knows(&self, id: MessageId) -> bool {
+        self.sizes.contains_key(&id)
+    }
+
     /// Takes up to `max` due messages: (id, retries so far).
     pub fn take(&mut self, max: usize, now_ms: u64) -> Vec<(MessageId, u32)> {
         while let Some(&(due, id)) = self.delayed.first() {

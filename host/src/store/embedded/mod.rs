@@ -1,0 +1,295 @@
+//! The embedded store: one redb file holding the idempotency records, the
+//! tenants' state, the embedded broker's queue and recent dead letters, so
+//! all of it survives a crash or a restart with no external service.
+//!
+//! - A publish the broker answers 2xx is on disk first ([`MessageQueue`]).
+//! - A finished event's publishes go straight onto the queue in its commit:
+//!   nothing sits between "committed" and "queued".
+//! - Every change goes through one writer thread that commits what is
+//!   waiting together, with one fsync (`writer.rs`).
+//! - A write that fails (a full disk) closes the file and has it reopened
+//!   with backoff (`handle.rs`); meanwhile events are deferred and publishes
+//!   refused, and nothing restarts.
+//!
+//! redb gives serialisable write transactions, which is what makes the claim
+//! a true insert-if-absent and the finish commit atomic.
+
+mod codec;
+mod handle;
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{ReadableDatabase, ReadableTable};
+use serde_json::Value;
+
+use super::claim::{Claim, ClaimToken, Record};
+use super::{
+    Commit, DedupeKey, DeliveryStore, MessageId, MessageQueue, OutboundMessage, OutboxId, QueueError, QueueLimits, QueuedMessage, Settle,
+    SharedIndex, StoreError, Taken,
+};
+use crate::clock::{self, SharedClock};
+use crate::cloudevent::CLOUDEVENTS_JSON;
+use codec::{DEAD_LETTERS, LEGACY_OUTBOX, QUEUE, STATE, decode_message};
+use handle::DbHandle;
+use writer::{Applied, FinishOp, Op, Writer};
+
+/// How the embedded store is opened.
+#[derive(Clone)]
+pub struct EmbeddedOptions {
+    /// redb's page cache: the store's share of the host's memory bound.
+    pub cache_bytes: usize,
+    /// What the queue may hold before publishers are refused.
+    pub queue_limits: QueueLimits,
+    /// The clock leases and expiries are read from.
+    pub clock: SharedClock,
+}
+
+impl Default for EmbeddedOptions {
+    /// A 64 MiB cache: the hot part of the idempotency records and state of
+    /// a busy host, a sixteenth of redb's default of 1 GiB.
+    fn default() -> Self {
+        Self { cache_bytes: 64 * 1024 * 1024, queue_limits: QueueLimits::default(), clock: clock::system() }
+    }
+}
+
+/// The redb-backed store, also the embedded broker's queue.
+pub struct EmbeddedStore {
+    handle: Arc<DbHandle>,
+    writer: Writer,
+    index: SharedIndex,
+    limits: QueueLimits,
+    clock: SharedClock,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store file with default options.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Self::open_with(path, EmbeddedOptions::default())
+    }
+
+    /// Opens (or creates) the store file; its directory is created if missing.
+    /// Messages queued by an earlier run are due at once.
+    pub fn open_with(path: &Path, options: EmbeddedOptions) -> anyhow::Result<Self> {
+        let handle = Arc::new(DbHandle::open(path, options.cache_bytes).map_err(anyhow::Error::msg)?);
+        move_legacy_outbox(&handle).with_context(|| format!("moving old outbox entries to the queue in {}", path.display()))?;
+        let index = SharedIndex::default();
+        let next_id = load_queue(&handle, &index).with_context(|| format!("reading the queue of {}", path.display()))?;
+        let queued = index.depth().0;
+        if queued > 0 {
+            tracing::info!(path = %path.display(), messages = queued, "messages queued by an earlier run will be delivered");
+        }
+        let writer = Writer::start(handle.clone(), index.clone(), next_id).context("starting the embedded store's writer thread")?;
+        Ok(Self { handle, writer, index, limits: options.queue_limits, clock: options.clock })
+    }
+
+    /// Why the store cannot be used now (reopening after an I/O error), if
+    /// it cannot.
+    pub fn trouble(&self) -> Option<String> {
+        self.handle.trouble()
+    }
+
+    fn read<T>(&self, what: &str, work: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>) -> Result<T, StoreError> {
+        let db = self.handle.get()?;
+        let txn = db.begin_read().map_err(|e| read_failed(what, &self.handle, e.into()))?;
+        work(&txn).map_err(|e| read_failed(what, &self.handle, e))
+    }
+}
+
+fn read_failed(what: &str, handle: &DbHandle, error: redb::Error) -> StoreError {
+    StoreError::Unavailable(anyhow::Error::new(error).context(format!("{what} in embedded store {}", handle.path().display())))
+}
+
+/// Indexes every queued message (due at once); returns the next free id.
+fn load_queue(handle: &DbHandle, index: &SharedIndex) -> anyhow::Result<MessageId> {
+    let db = handle.get()?;
+    let txn = db.begin_read()?;
+    let queue = txn.open_table(QUEUE)?;
+    let mut next_id = 0;
+    index.with(|index| -> anyhow::Result<()> {
+        for row in queue.iter()? {
+            let (id, bytes) = row?;
+            index.add(id.value(), bytes.value().len(), 0);
+            next_id = id.value() + 1;
+        }
+        Ok(())
+    })?;
+    Ok(next_id)
+}
+
+/// Stores written before the queue existed kept committed publishes in an
+/// outbox table for a relay: they go onto the queue, once.
+fn move_legacy_outbox(handle: &DbHandle) -> anyhow::Result<()> {
+    let db = handle.get()?;
+    let txn = db.begin_write()?;
+    let moved = {
+        let Ok(mut outbox) = txn.open_table(LEGACY_OUTBOX) else { return Ok(()) };
+        let mut queue = txn.open_table(QUEUE)?;
+        let mut next = queue.last()?.map_or(0, |(id, _)| id.value() + 1);
+        let mut moved = 0;
+        while let Some((_, bytes)) = outbox.pop_first()? {
+            let message: OutboundMessage = serde_json::from_slice(bytes.value())?;
+            queue.insert(next, codec::encode_message(&queued(&message)).as_slice())?;
+            next += 1;
+            moved += 1;
+        }
+        moved
+    };
+    txn.delete_table(LEGACY_OUTBOX)?;
+    txn.commit()?;
+    if moved > 0 {
+        tracing::info!(messages = moved, "moved committed publishes of an older store onto the queue");
+    }
+    Ok(())
+}
+
+/// A committed outbox entry as a queued message (a structured CloudEvent).
+fn queued(message: &OutboundMessage) -> QueuedMessage {
+    QueuedMessage {
+        pubsub: message.pubsub.clone(),
+        topic: message.topic.clone(),
+        body: Bytes::from(Value::Object(message.event.clone()).to_string()),
+        content_type: Some(CLOUDEVENTS_JSON.to_owned()),
+    }
+}
+
+fn unexpected(applied: Applied) -> StoreError {
+    StoreError::Unavailable(anyhow::anyhow!("embedded store writer answered {applied:?} out of turn"))
+}
+
+#[async_trait]
+impl DeliveryStore for EmbeddedStore {
+    async fn claim(&self, key: &DedupeKey, lease: Duration) -> Result<Claim, StoreError> {
+        let op = Op::Claim { key: key.encoded(), now_ms: self.clock.now_ms(), lease };
+        match self.writer.apply(op).await? {
+            Applied::Claimed(claim) => Ok(claim),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn release(&self, claim: &ClaimToken) -> Result<(), StoreError> {
+        self.writer.apply(Op::Release { claim: claim.clone() }).await.map(drop)
+    }
+
+    /// Commits, and puts the commit's publishes on the queue in the same
+    /// transaction: there is nothing left for the caller to publish.
+    async fn finish(&self, commit: Commit<'_>) -> Result<Vec<OutboxId>, StoreError> {
+        let finish = FinishOp {
+            claim: commit.claim.clone(),
+            done: Record::Done { kind: commit.completion.into(), expires_ms: clock::after_ms(self.clock.now_ms(), commit.ttl) },
+            tenant: commit.tenant.to_owned(),
+            writes: commit.state_writes.to_vec(),
+            messages: commit.outbox.iter().map(queued).collect(),
+            dead_letter: commit.dead_letter.map(<[u8]>::to_vec),
+        };
+        self.writer.apply(Op::Finish(Box::new(finish))).await?;
+        Ok(Vec::new())
+    }
+
+    async fn get_state(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        // Reads are short and redb readers never wait for writers: run inline.
+        self.read("reading state", |txn| {
+            let state = txn.open_table(STATE)?;
+            Ok(state.get((tenant, key))?.map(|v| v.value().to_vec()))
+        })
+    }
+
+    async fn pending_outbox(&self, _limit: usize) -> Result<Vec<(OutboxId, OutboundMessage)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn remove_outbox(&self, _id: OutboxId) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn purge_expired(&self) -> Result<usize, StoreError> {
+        match self.writer.apply(Op::Purge { now_ms: self.clock.now_ms() }).await? {
+            Applied::Purged(count) => Ok(count),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn recent_dead_letters(&self, limit: usize) -> Result<Option<Vec<Vec<u8>>>, StoreError> {
+        self.read("reading dead letters", |txn| {
+            let table = txn.open_table(DEAD_LETTERS)?;
+            let mut newest_first = Vec::new();
+            for row in table.iter()?.rev().take(limit) {
+                newest_first.push(row?.1.value().to_vec());
+            }
+            newest_first.reverse();
+            Ok(Some(newest_first))
+        })
+    }
+
+    fn trouble(&self) -> Option<String> {
+        self.handle.trouble()
+    }
+}
+
+#[async_trait]
+impl MessageQueue for EmbeddedStore {
+    async fn push(&self, messages: Vec<QueuedMessage>, respect_limits: bool) -> Result<(), QueueError> {
+        if respect_limits {
+            let sizes: Vec<usize> = messages.iter().map(|m| m.body.len()).collect();
+            self.index.with(|index| index.check_room(&sizes, &self.limits))?;
+        }
+        self.writer.apply(Op::Push { messages }).await?;
+        Ok(())
+    }
+
+    async fn take(&self, max: usize, now_ms: u64) -> Result<Vec<Taken>, StoreError> {
+        let due = self.index.with(|index| index.take(max, now_ms));
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self.read("reading the queue", |txn| {
+            let queue = txn.open_table(QUEUE)?;
+            let mut rows = Vec::with_capacity(due.len());
+            for (id, retries) in &due {
+                rows.push((*id, *retries, queue.get(*id)?.map(|row| row.value().to_vec())));
+            }
+            Ok(rows)
+        });
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(error) => {
+                // Not delivered: back to the front, for when the store is back.
+                self.index.with(|index| due.iter().rev().for_each(|(id, _)| index.put_back(*id)));
+                return Err(error);
+            }
+        };
+        let mut taken = Vec::with_capacity(rows.len());
+        for (id, retries, row) in rows {
+            match row.as_deref().map(decode_message) {
+                Some(Ok(message)) => taken.push(Taken { id, message, retries }),
+                Some(Err(why)) => {
+                    // A row that does not decode can never be delivered: say
+                    // so loudly, and keep it on disk for an operator.
+                    tracing::error!(message.id = id, error = %why, "embedded store: queued message is corrupt; skipping it");
+                    self.index.with(|index| index.settle(id, Settle::Done));
+                }
+                None => self.index.with(|index| index.settle(id, Settle::Done)),
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn settle(&self, id: MessageId, how: Settle) -> Result<(), StoreError> {
+        match how {
+            Settle::Done => self.writer.apply(Op::Ack { id }).await.map(drop),
+            Settle::RetryAt(_) => {
+                self.index.with(|index| index.settle(id, how));
+                Ok(())
+            }
+        }
+    }
+
+    fn index(&self) -> &SharedIndex {
+        &self.index
+    }
+}

@@ -1,0 +1,365 @@
+//! The embedded store's one writer: every change goes through this thread,
+//! which applies whatever is waiting in one redb transaction and fsyncs it
+//! once (group commit). Accepting a publish and committing an event both
+//! need an fsync; with many of them waiting, they share one.
+//!
+//! A batch is fsynced (`Durability::Immediate`) when it holds anything that
+//! must survive a crash: an accepted message, a commit, a purge. Claims,
+//! releases and acknowledgements alone are not: a lost claim means the
+//! event runs again (nothing of it was committed), a lost acknowledgement
+//! means a done event is delivered again and skipped as a duplicate.
+//!
+//! An operation that fails its own check (a claim that was lost) fails
+//! alone; a storage failure fails the whole batch, closes the database and
+//! has it reopened (see `handle.rs`).
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table};
+use tokio::sync::oneshot;
+
+use super::codec::{CLAIMS, DEAD_LETTERS, QUEUE, STATE, encode_message};
+use super::handle::{Availability, DbHandle};
+use crate::pipeline::StateWrite;
+use crate::store::claim::{self, Claim, ClaimToken, Record};
+use crate::store::{MessageId, QueuedMessage, Settle, SharedIndex, StoreError};
+
+/// Operations applied in one transaction at most; more wait for the next.
+const MAX_BATCH: usize = 512;
+/// Expired records removed per purge, so a purge never holds the writer long.
+const PURGE_BATCH: usize = 10_000;
+/// Dead letters kept for listing; the dead-letter topic is the record.
+pub const DEAD_LETTERS_KEPT: u64 = 1000;
+
+/// A change to make.
+pub enum Op {
+    /// Claims an encoded dedupe key.
+    Claim { key: String, now_ms: u64, lease: Duration },
+    /// Gives a claim up.
+    Release { claim: ClaimToken },
+    /// Commits a finished event.
+    Finish(Box<FinishOp>),
+    /// Accepts messages onto the queue.
+    Push { messages: Vec<QueuedMessage> },
+    /// Removes a settled message.
+    Ack { id: MessageId },
+    /// Removes expired claims and done markers.
+    Purge { now_ms: u64 },
+}
+
+/// What a finished event commits.
+pub struct FinishOp {
+    pub claim: ClaimToken,
+    pub done: Record,
+    pub tenant: String,
+    pub writes: Vec<StateWrite>,
+    /// Its publishes (and dead letter), straight onto the queue.
+    pub messages: Vec<QueuedMessage>,
+    /// The dead-letter record to keep for listing, as JSON.
+    pub dead_letter: Option<Vec<u8>>,
+}
+
+impl Op {
+    fn must_survive_a_crash(&self) -> bool {
+        matches!(self, Op::Finish(_) | Op::Push { .. } | Op::Purge { .. })
+    }
+}
+
+/// What an operation came to.
+#[derive(Debug)]
+pub enum Applied {
+    Claimed(Claim),
+    Done,
+    Purged(usize),
+}
+
+struct Request {
+    op: Op,
+    reply: oneshot::Sender<Result<Applied, StoreError>>,
+}
+
+/// The sending side; the thread stops when the last one is dropped.
+pub struct Writer {
+    requests: Option<mpsc::Sender<Request>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts the writer thread for `handle`; committed queue changes are
+    /// told to `index`. `next_id` is the first free message id.
+    pub fn start(handle: Arc<DbHandle>, index: SharedIndex, next_id: MessageId) -> std::io::Result<Self> {
+        let (requests, incoming) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("wasmsub-store-writer".into())
+            .spawn(move || WriterThread { handle, index, next_id }.run(incoming))?;
+        Ok(Self { requests: Some(requests), thread: Some(thread) })
+    }
+
+    /// Applies `op` in the next batch; answers once the batch is committed.
+    pub async fn apply(&self, op: Op) -> Result<Applied, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StoreError::Unavailable(anyhow::anyhow!("the embedded store's writer has stopped"));
+        self.requests.as_ref().ok_or_else(stopped)?.send(Request { op, reply }).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+impl Drop for Writer {
+    /// Stops the thread and waits for it, so the file is closed when the
+    /// store is dropped (a restart in the same process can open it again).
+    fn drop(&mut self) {
+        drop(self.requests.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A claim record: the outer error is storage, the inner a record that does
+/// not decode (the operation fails; nothing is guessed).
+fn load(claims: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<Result<Option<Record>, StoreError>, redb::Error> {
+    Ok(match claims.get(key)? {
+        Some(bytes) => claim::decode(bytes.value()).map(Some),
+        None => Ok(None),
+    })
+}
+
+/// Unwraps a loaded record, or makes the operation fail with its error.
+macro_rules! record_or_fail {
+    ($loaded:expr) => {
+        match $loaded {
+            Ok(record) => record,
+            Err(error) => return Ok(Err(error)),
+        }
+    };
+}
+
+struct WriterThread {
+    handle: Arc<DbHandle>,
+    index: SharedIndex,
+    next_id: MessageId,
+}
+
+/// Index changes a batch makes, applied once it is committed.
+#[derive(Default)]
+struct QueueChanges {
+    added: Vec<(MessageId, usize)>,
+    acked: Vec<MessageId>,
+}
+
+impl WriterThread {
+    fn run(mut self, incoming: mpsc::Receiver<Request>) {
+        while let Ok(first) = incoming.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match incoming.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.serve(batch);
+        }
+    }
+
+    fn serve(&mut self, batch: Vec<Request>) {
+        let available = self.handle.recover();
+        if available == Availability::Reopened {
+            self.reindex();
+        }
+        let db = match self.handle.get() {
+            Ok(db) => db,
+            Err(_) => {
+                let why = self.handle.trouble().unwrap_or_default();
+                for request in batch {
+                    let _ = request.reply.send(Err(unavailable_because(&self.handle, &why)));
+                }
+                return;
+            }
+        };
+        let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+        match self.commit(&db, ops) {
+            Ok((results, changes)) => {
+                drop(db);
+                self.index.with(|index| {
+                    for (id, size) in &changes.added {
+                        index.add(*id, *size, 0);
+                    }
+                    for id in &changes.acked {
+                        index.settle(*id, Settle::Done);
+                    }
+                });
+                if !changes.added.is_empty() {
+                    self.index.notify();
+                }
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(error) => {
+                drop(db);
+                let why = format!("{error}");
+                self.handle.fail(why.clone());
+                for reply in replies {
+                    let _ = reply.send(Err(unavailable_because(&self.handle, &why)));
+                }
+            }
+        }
+    }
+
+    /// One transaction for the whole batch. The outer error is a storage
+    /// failure (nothing committed); inner errors belong to one operation.
+    fn commit(&mut self, db: &Database, ops: Vec<Op>) -> Result<(Vec<Result<Applied, StoreError>>, QueueChanges), redb::Error> {
+        let mut txn = db.begin_write()?;
+        let durable = ops.iter().any(Op::must_survive_a_crash);
+        txn.set_durability(if durable { Durability::Immediate } else { Durability::None })?;
+        let mut changes = QueueChanges::default();
+        let mut results = Vec::with_capacity(ops.len());
+        {
+            let mut tables = Tables {
+                claims: txn.open_table(CLAIMS)?,
+                state: txn.open_table(STATE)?,
+                queue: txn.open_table(QUEUE)?,
+                dead_letters: txn.open_table(DEAD_LETTERS)?,
+            };
+            for op in ops {
+                results.push(self.apply(&mut tables, op, &mut changes)?);
+            }
+        }
+        txn.commit()?;
+        Ok((results, changes))
+    }
+
+    fn apply(&mut self, tables: &mut Tables<'_>, op: Op, changes: &mut QueueChanges) -> Result<Result<Applied, StoreError>, redb::Error> {
+        Ok(match op {
+            Op::Claim { key, now_ms, lease } => {
+                let existing = record_or_fail!(load(&tables.claims, &key)?);
+                let (answer, record) = claim::decide_claim(&key, existing.as_ref(), now_ms, lease, claim::new_token());
+                if let Some(record) = record {
+                    tables.claims.insert(key.as_str(), claim::encode(&record).as_slice())?;
+                }
+                Ok(Applied::Claimed(answer))
+            }
+            Op::Release { claim } => {
+                if claim::owns(record_or_fail!(load(&tables.claims, &claim.key)?).as_ref(), &claim) {
+                    tables.claims.remove(claim.key.as_str())?;
+                }
+                Ok(Applied::Done)
+            }
+            Op::Finish(finish) => {
+                if let Err(lost) = claim::check_owner(record_or_fail!(load(&tables.claims, &finish.claim.key)?).as_ref(), &finish.claim) {
+                    return Ok(Err(lost));
+                }
+                tables.claims.insert(finish.claim.key.as_str(), claim::encode(&finish.done).as_slice())?;
+                for (key, value) in &finish.writes {
+                    match value {
+                        Some(value) => tables.state.insert((finish.tenant.as_str(), key.as_str()), value.as_slice())?,
+                        None => tables.state.remove((finish.tenant.as_str(), key.as_str()))?,
+                    };
+                }
+                self.enqueue(&mut tables.queue, &finish.messages, changes)?;
+                if let Some(record) = &finish.dead_letter {
+                    keep_dead_letter(&mut tables.dead_letters, record)?;
+                }
+                Ok(Applied::Done)
+            }
+            Op::Push { messages } => {
+                self.enqueue(&mut tables.queue, &messages, changes)?;
+                Ok(Applied::Done)
+            }
+            Op::Ack { id } => {
+                tables.queue.remove(id)?;
+                changes.acked.push(id);
+                Ok(Applied::Done)
+            }
+            Op::Purge { now_ms } => {
+                let mut expired = Vec::new();
+                for row in tables.claims.iter()? {
+                    let (key, bytes) = row?;
+                    if claim::decode(bytes.value()).is_ok_and(|record| claim::is_expired(&record, now_ms)) {
+                        expired.push(key.value().to_owned());
+                        if expired.len() == PURGE_BATCH {
+                            break;
+                        }
+                    }
+                }
+                for key in &expired {
+                    tables.claims.remove(key.as_str())?;
+                }
+                Ok(Applied::Purged(expired.len()))
+            }
+        })
+    }
+
+    fn enqueue(&mut self, queue: &mut Table<'_, u64, &'static [u8]>, messages: &[QueuedMessage], changes: &mut QueueChanges) -> Result<(), redb::Error> {
+        for message in messages {
+            let id = self.next_id;
+            self.next_id += 1;
+            queue.insert(id, encode_message(message).as_slice())?;
+            changes.added.push((id, message.body.len()));
+        }
+        Ok(())
+    }
+
+    /// After a reopen, what was not durable is gone: messages whose
+    /// acknowledgement was lost are on the queue again, and must be known
+    /// to the index to be delivered (again; their events dedupe).
+    fn reindex(&mut self) {
+        let Ok(db) = self.handle.get() else { return };
+        let rows = (|| -> Result<Vec<(MessageId, usize)>, redb::Error> {
+            let txn = db.begin_read()?;
+            let queue = txn.open_table(QUEUE)?;
+            let mut rows = Vec::new();
+            for row in queue.iter()? {
+                let (id, bytes) = row?;
+                rows.push((id.value(), bytes.value().len()));
+            }
+            Ok(rows)
+        })();
+        match rows {
+            Ok(rows) => {
+                let found = self.index.with(|index| {
+                    let mut found = 0;
+                    for (id, size) in rows {
+                        self.next_id = self.next_id.max(id + 1);
+                        if !index.knows(id) {
+                            index.add(id, size, 0);
+                            found += 1;
+                        }
+                    }
+                    found
+                });
+                if found > 0 {
+                    tracing::info!(messages = found, "queued messages whose settling was lost with the failure will be delivered again");
+                    self.index.notify();
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not re-read the queue after reopening the embedded store"),
+        }
+    }
+}
+
+struct Tables<'txn> {
+    claims: Table<'txn, &'static str, &'static [u8]>,
+    state: Table<'txn, (&'static str, &'static str), &'static [u8]>,
+    queue: Table<'txn, u64, &'static [u8]>,
+    dead_letters: Table<'txn, u64, &'static [u8]>,
+}
+
+/// Appends a dead letter and forgets the oldest beyond [`DEAD_LETTERS_KEPT`].
+fn keep_dead_letter(table: &mut Table<'_, u64, &'static [u8]>, record: &[u8]) -> Result<(), redb::Error> {
+    let next = table.last()?.map_or(0, |(id, _)| id.value() + 1);
+    table.insert(next, record)?;
+    if table.len()? > DEAD_LETTERS_KEPT {
+        let oldest = table.first()?.map(|(id, _)| id.value());
+        if let Some(oldest) = oldest {
+            table.remove(oldest)?;
+        }
+    }
+    Ok(())
+}
+
+fn unavailable_because(handle: &DbHandle, why: &str) -> StoreError {
+    StoreError::Unavailable(anyhow::anyhow!("embedded store {} is unavailable: {why}", handle.path().display()))
+}
