@@ -8,8 +8,11 @@ use std::process::Command;
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_owned();
-    for watched in ["guests", "wit", "scripts/build-guests.sh"] {
-        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+    // Relative to this package: the build cache is shared by clones at
+    // other paths, and an absolute path would watch another clone's files
+    // (a stale fixture that hides a change).
+    for watched in ["../guests", "../wit", "../scripts/build-guests.sh"] {
+        println!("cargo:rerun-if-changed={watched}");
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("guests");
     let status = Command::new("bash")

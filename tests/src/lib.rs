@@ -12,6 +12,8 @@ use wasmsub::transport::PublishError;
 use wasmsub::{DaprStatus, EventReport, Host, HostOptions, Manifest};
 
 pub mod dapr;
+pub mod embedded;
+pub mod process;
 
 /// Paths of the guest components, one constant per guest crate.
 pub mod guests {

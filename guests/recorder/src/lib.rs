@@ -8,12 +8,14 @@
 //! event's id, topic, attempt and extensions as JSON.
 //!
 //! A payload field `spin_ms` makes it busy for that long first, so a test can
-//! kill a host while the handler is running.
+//! kill a host while the handler is running. A payload field `forward_to`
+//! (a topic) makes it publish `{"key": "fwd-{key}"}` there too, so a test
+//! can count follow-up publishes the same way.
 
 wit_bindgen::generate!({ world: "handler", path: "../../wit" });
 
 use serde_json::{Map, Value, json};
-use wasmsub::handler::state;
+use wasmsub::handler::{publisher, state};
 
 struct Recorder;
 
@@ -42,6 +44,12 @@ impl Guest for Recorder {
         for (key, value) in writes {
             if let Err(why) = state::set(&key, &value) {
                 return Disposition::Retry(format!("state set {key}: {why}"));
+            }
+        }
+        if let Some(topic) = payload.get("forward_to").and_then(Value::as_str) {
+            let follow_up = json!({"key": format!("fwd-{key}")}).to_string();
+            if let Err(why) = publisher::publish(topic, follow_up.as_bytes(), "application/json") {
+                return Disposition::Retry(format!("publish {topic}: {why}"));
             }
         }
         Disposition::Success

@@ -46,6 +46,8 @@ pub struct DbHandle {
 struct ReopenState {
     backoff: Backoff,
     next_try: Instant,
+    /// When the current outage began (the first failed write), if in one.
+    outage_since: Option<Instant>,
 }
 
 impl DbHandle {
@@ -55,7 +57,7 @@ impl DbHandle {
             std::fs::create_dir_all(dir).map_err(|e| format!("creating store directory {}: {e}", dir.display()))?;
         }
         let db = open_file(path, cache_bytes)?;
-        let reopen = ReopenState { backoff: Backoff::new(FIRST_REOPEN_WAIT, MAX_REOPEN_WAIT), next_try: Instant::now() };
+        let reopen = ReopenState { backoff: Backoff::new(FIRST_REOPEN_WAIT, MAX_REOPEN_WAIT), next_try: Instant::now(), outage_since: None };
         Ok(Self { path: path.to_owned(), cache_bytes, db: RwLock::new(Ok(Arc::new(db))), reopen: Mutex::new(reopen) })
     }
 
@@ -77,17 +79,31 @@ impl DbHandle {
         self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref().err().cloned()
     }
 
-    /// Closes the database after a failed write; the next [`DbHandle::recover`]
-    /// reopens it.
+    /// Closes the database after a failed write; a later
+    /// [`DbHandle::recover`] reopens it, no sooner than the backoff allows
+    /// (a disk that is still full fails the next write too).
     pub fn fail(&self, why: String) {
-        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
-        if db.is_ok() {
-            tracing::error!(path = %self.path.display(), error = %why, "embedded store write failed; closing it to reopen (events are deferred meanwhile)");
+        {
+            let mut reopen = self.reopen.lock().unwrap_or_else(|p| p.into_inner());
+            if reopen.outage_since.is_none() {
+                reopen.outage_since = Some(Instant::now());
+                tracing::error!(path = %self.path.display(), error = %why,
+                    "embedded store write failed; events are deferred and publishes refused until it can be written again");
+            }
+            reopen.next_try = Instant::now() + reopen.backoff.next_delay();
         }
-        let old = std::mem::replace(&mut *db, Err(why));
-        drop(db);
+        let old = std::mem::replace(&mut *self.db.write().unwrap_or_else(|p| p.into_inner()), Err(why));
         if let Ok(old) = old {
             wait_for_readers(old);
+        }
+    }
+
+    /// A write was committed: an outage, if there was one, is over.
+    pub fn succeeded(&self) {
+        let mut reopen = self.reopen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(since) = reopen.outage_since.take() {
+            reopen.backoff.reset();
+            tracing::info!(path = %self.path.display(), outage = ?since.elapsed(), "embedded store written again; events flow");
         }
     }
 
@@ -104,14 +120,13 @@ impl DbHandle {
         match open_file(&self.path, self.cache_bytes) {
             Ok(db) => {
                 *self.db.write().unwrap_or_else(|p| p.into_inner()) = Ok(Arc::new(db));
-                reopen.backoff.reset();
-                tracing::info!(path = %self.path.display(), "embedded store reopened; events flow again");
+                tracing::debug!(path = %self.path.display(), "embedded store reopened");
                 Availability::Reopened
             }
             Err(why) => {
                 let wait = reopen.backoff.next_delay();
                 reopen.next_try = Instant::now() + wait;
-                tracing::warn!(path = %self.path.display(), error = %why, retry_in = ?wait, "embedded store cannot be reopened yet");
+                tracing::debug!(path = %self.path.display(), error = %why, retry_in = ?wait, "embedded store cannot be reopened yet");
                 *self.db.write().unwrap_or_else(|p| p.into_inner()) = Err(why);
                 Availability::Closed
             }

@@ -179,9 +179,14 @@ impl WriterThread {
             }
         };
         let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
-        match self.commit(&db, ops) {
+        let durable = ops.iter().any(Op::must_survive_a_crash);
+        match self.commit(&db, ops, durable) {
             Ok((results, changes)) => {
                 drop(db);
+                if durable {
+                    // Only an fsynced commit proves the disk takes writes again.
+                    self.handle.succeeded();
+                }
                 self.index.with(|index| {
                     for (id, size) in &changes.added {
                         index.add(*id, *size, 0);
@@ -210,9 +215,8 @@ impl WriterThread {
 
     /// One transaction for the whole batch. The outer error is a storage
     /// failure (nothing committed); inner errors belong to one operation.
-    fn commit(&mut self, db: &Database, ops: Vec<Op>) -> Result<(Vec<Result<Applied, StoreError>>, QueueChanges), redb::Error> {
+    fn commit(&mut self, db: &Database, ops: Vec<Op>, durable: bool) -> Result<(Vec<Result<Applied, StoreError>>, QueueChanges), redb::Error> {
         let mut txn = db.begin_write()?;
-        let durable = ops.iter().any(Op::must_survive_a_crash);
         txn.set_durability(if durable { Durability::Immediate } else { Durability::None })?;
         let mut changes = QueueChanges::default();
         let mut results = Vec::with_capacity(ops.len());
