@@ -4,6 +4,7 @@
 //! entry points (a reused instance, a profiled attempt) the service never has.
 
 mod echo;
+mod soak;
 mod swap;
 mod tenants;
 
@@ -45,6 +46,22 @@ enum Command {
         #[arg(long, default_value_t = 1_000)]
         tenants: usize,
     },
+    /// A mixed load against a running host for a while, one line a minute
+    /// (memory, publish latency, errors): scripts/soak.sh runs it.
+    Soak {
+        /// The host's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:3500")]
+        url: String,
+        /// The host's process id (for its resident memory).
+        #[arg(long)]
+        pid: u32,
+        /// How long to run, in minutes.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Events per second offered.
+        #[arg(long, default_value_t = 300)]
+        rate: u32,
+    },
     /// Hot swapping: cold start with and without the compile cache,
     /// deploy-to-first-event, throughput while swapping.
     Swap {
@@ -70,6 +87,10 @@ fn main() -> ExitCode {
                 tenants::many_tenants(&guests, tenants, &mut out).await
             }
             Command::Swap { guests, handlers } => swap::run(&guests, handlers, &mut out).await,
+            Command::Soak { url, pid, minutes, rate } => {
+                let soak = soak::Soak { url, pid, duration: std::time::Duration::from_secs(minutes * 60), rate };
+                soak::run(soak, &mut out).await
+            }
         }
     });
     match result {
