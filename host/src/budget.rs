@@ -21,6 +21,8 @@ pub const RUNTIME_BASE_BYTES: u64 = 64 << 20;
 /// A parsed event holds its body about three times over (the bytes, the
 /// JSON value, the original object kept for dead-lettering).
 const PARSED_EVENT_FACTOR: u64 = 3;
+/// The fiber stack an attempt runs on (wasmtime's default async stack).
+const FIBER_STACK_BYTES: u64 = 2 << 20;
 /// What the queue's index keeps per message (ids, sizes, due times).
 const INDEX_BYTES_PER_MESSAGE: u64 = 96;
 
@@ -32,7 +34,8 @@ pub struct MemoryBudget {
     /// Compiled code of the serving versions (each later deploy adds its
     /// own, until it leaves the rollback window).
     pub compiled_code: u64,
-    /// Instance slots, each at the largest tenant memory limit.
+    /// Instance slots, each at the largest tenant memory limit, with its
+    /// fiber stack.
     pub instances: u64,
     /// Effects an attempt may buffer, for every slot.
     pub buffered_effects: u64,
@@ -78,7 +81,7 @@ impl MemoryBudget {
         let mut budget = Self {
             runtime: RUNTIME_BASE_BYTES,
             compiled_code,
-            instances: slots * largest_memory.max(inputs.engine.keep_resident_bytes as u64),
+            instances: slots * (largest_memory.max(inputs.engine.keep_resident_bytes as u64) + FIBER_STACK_BYTES),
             buffered_effects: slots * MAX_BUFFERED_BYTES_PER_ATTEMPT as u64,
             deliveries: inputs.max_in_flight as u64 * largest_payload * PARSED_EVENT_FACTOR,
             queue,

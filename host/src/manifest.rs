@@ -26,6 +26,10 @@ pub const DEFAULT_LEASE_MARGIN: Duration = Duration::from_secs(30);
 pub const DEFAULT_MEMORY_MIB: u32 = 64;
 /// CPU time one attempt may take before it is interrupted (epoch deadline).
 pub const DEFAULT_CPU_TIME: Duration = Duration::from_secs(1);
+/// Wall-clock time one attempt may take, waiting included. A handler of an
+/// event has no business sleeping; 5 s leaves room for a slow state read
+/// through a sidecar while bounding how long a sleeper holds its slot.
+pub const DEFAULT_WALL_TIME: Duration = Duration::from_secs(5);
 /// Largest event body accepted, the same bound as Dapr's default HTTP body.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 /// Events of one tenant handled at once; the rest wait their turn.
@@ -96,9 +100,13 @@ pub struct TenantConfig {
 pub struct TenantLimits {
     /// Linear memory per instance, in MiB.
     pub memory_mib: u32,
-    /// CPU time per attempt.
+    /// Time an attempt may spend running guest code (the epoch deadline).
     #[serde(with = "humantime_serde")]
     pub cpu_time: Duration,
+    /// Time an attempt may take in all, blocked in WASI calls (sleeping,
+    /// polling) included. At least `cpu_time`.
+    #[serde(with = "humantime_serde")]
+    pub wall_time: Duration,
     /// Largest event body accepted, in bytes.
     pub max_payload_bytes: usize,
     /// Events handled at once across the tenant's handlers.
@@ -155,6 +163,7 @@ impl Default for TenantLimits {
         Self {
             memory_mib: DEFAULT_MEMORY_MIB,
             cpu_time: DEFAULT_CPU_TIME,
+            wall_time: DEFAULT_WALL_TIME,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
             publish_topics: Vec::new(),
@@ -354,6 +363,13 @@ fn validate_limits(limits: &TenantLimits) -> anyhow::Result<()> {
     }
     if limits.cpu_time < Duration::from_millis(10) {
         bail!("cpu_time must be at least 10ms (the interruption tick), not {:?}", limits.cpu_time);
+    }
+    if limits.wall_time < limits.cpu_time {
+        bail!(
+            "wall_time ({}) must be at least cpu_time ({}): running is part of the wall-clock time",
+            humantime::format_duration(limits.wall_time),
+            humantime::format_duration(limits.cpu_time)
+        );
     }
     if limits.max_payload_bytes == 0 {
         bail!("max_payload_bytes must be positive");

@@ -103,3 +103,18 @@ async fn a_drop_is_dead_lettered_at_once_without_retries() {
     let seen = dead_letter_seen(&host, "bad-task").await;
     assert_eq!(seen["extensions"]["wasmsubattempts"], "1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_after_a_restart() {
+    let manifest = with_dead_letter_recorder("", HandlerSpec::new("poison", guests::POISON, "orders"));
+    let mut host = TestHost::start(&manifest).await.unwrap();
+    host.publish("orders", &cloud_event("p-2", json!({}))).await.unwrap();
+    assert!(matches!(host.next_settled().await.outcome, Outcome::DeadLettered { .. }));
+    let data_dir = host.stop().await;
+
+    let restarted = TestHost::start_in(&manifest, data_dir).await.unwrap();
+    let listed = restarted.host.dead_letters().await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0].event_id.as_str(), listed[0].attempts), ("p-2", 3));
+    assert_eq!(listed[0].reason, "poison: event p-2 can never be handled");
+}

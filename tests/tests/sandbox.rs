@@ -188,3 +188,32 @@ async fn a_noisy_tenant_does_not_stop_a_quiet_one() {
         assert_eq!(host.state(&format!("count:quiet-{i}")).await.as_deref(), Some("1"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleepers_are_stopped_at_the_wall_clock_limit_and_a_quiet_tenant_is_not_held_up() {
+    let manifest = format!(
+        "[[tenant]]\nname = \"sleepy\"\nlimits = {{ cpu_time = \"1s\", wall_time = \"10s\", max_concurrency = 16 }}\n\
+         [[tenant.handler]]\nname = \"sleeper\"\ncomponent = {:?}\ntopic = \"naps\"\nretry = {{ max_attempts = 1 }}\n\n\
+         [[tenant]]\nname = \"acme\"\n[[tenant.handler]]\nname = \"quiet\"\ncomponent = {:?}\ntopic = \"orders\"\n",
+        guests::SLEEPER, guests::RECORDER
+    );
+    let mut host = TestHost::start(&manifest).await.unwrap();
+    // Sixteen guests asleep for a minute each, holding their slots.
+    for i in 0..16 {
+        host.publish("naps", &cloud_event(&format!("nap-{i}"), json!({"sleep_ms": 60_000}))).await.unwrap();
+    }
+    for i in 0..20 {
+        host.publish("orders", &cloud_event(&format!("quiet-{i}"), json!({}))).await.unwrap();
+    }
+    let reports = host.settled(36).await;
+    // The quiet tenant's events all settled before the first sleeper was
+    // stopped (10 s): nothing of the quiet tenant waited on the sleepers.
+    let first_sleeper = reports.iter().position(|r| r.tenant == "sleepy").unwrap();
+    assert_eq!(first_sleeper, 20, "quiet events waited behind sleepers: {reports:#?}");
+    for report in &reports[20..] {
+        assert_eq!(report.outcome, Outcome::DeadLettered { reason: "wall-clock limit 10s exceeded".into(), attempts: 1 }, "{report:?}");
+    }
+    // A short nap within the limit is fine.
+    host.publish("naps", &cloud_event("short-nap", json!({"sleep_ms": 50}))).await.unwrap();
+    assert_eq!(host.next_settled().await.outcome, Outcome::Processed { attempts: 1 });
+}

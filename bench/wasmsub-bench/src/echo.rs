@@ -97,7 +97,8 @@ fn context(store: Arc<dyn DeliveryStore>) -> AttemptContext {
         table_elements: wasmsub::manifest::DEFAULT_TABLE_ELEMENTS as usize,
         max_log_bytes: wasmsub::manifest::DEFAULT_MAX_LOG_BYTES,
         fuel: None,
-        runtime: tokio::runtime::Handle::current(),
+        cpu_time: Duration::from_secs(5),
+        wall_time: Duration::from_secs(5),
     }
 }
 
@@ -106,11 +107,14 @@ fn dispatch_rows(component_path: &Path, events: usize) -> anyhow::Result<Vec<Row
     let event = sample_event(1);
     let mut rows = vec![measure("native Rust function", events, |_| assert!(native_echo(&event)))];
 
+    // The attempts are futures (async wasmtime); each is driven to its end
+    // on this thread, as the service drives them on its blocking threads.
+    let handle = tokio::runtime::Handle::current();
     let runtime = Runtime::new(&EngineConfig::default())?;
     let component = Arc::new(runtime.load(component_path)?);
-    let mut reused = runtime.reused_instance(&component, context(store.clone()))?;
+    let mut reused = handle.block_on(runtime.reused_instance(&component, context(store.clone())))?;
     rows.push(measure("guest, reused instance", events, |_| {
-        reused.call(&event).expect("echo call");
+        handle.block_on(reused.call(&event)).expect("echo call");
     }));
     drop(reused);
 
@@ -124,7 +128,7 @@ fn dispatch_rows(component_path: &Path, events: usize) -> anyhow::Result<Vec<Row
         let runtime = Runtime::new(&config)?;
         let component = Arc::new(runtime.load(component_path)?);
         rows.push(measure(name, events, |_| {
-            let (result, spent) = runtime.dispatch_blocking(&component, context(store.clone()), &event, Duration::from_secs(5));
+            let (result, spent) = handle.block_on(runtime.attempt_inline(&component, context(store.clone()), &event));
             assert!(matches!(result, AttemptResult::Succeeded(_)), "{result:?}");
             drop(spent);
         }));
@@ -135,7 +139,7 @@ fn dispatch_rows(component_path: &Path, events: usize) -> anyhow::Result<Vec<Row
     let component = Arc::new(runtime.load(component_path)?);
     rows.insert(2, measure_latency("guest, fresh instance (to answer)", events, |_| {
         let started = Instant::now();
-        let (result, spent) = runtime.dispatch_blocking(&component, context(store.clone()), &event, Duration::from_secs(5));
+        let (result, spent) = handle.block_on(runtime.attempt_inline(&component, context(store.clone()), &event));
         let latency = started.elapsed();
         assert!(matches!(result, AttemptResult::Succeeded(_)), "{result:?}");
         drop(spent);
@@ -152,7 +156,7 @@ fn phase_medians(component_path: &Path, events: usize) -> anyhow::Result<[Durati
     let event = sample_event(1);
     let mut phases: [Vec<Duration>; 4] = Default::default();
     for i in 0..events + 200 {
-        let split = runtime.profile_attempt(&component, context(store.clone()), &event);
+        let split = tokio::runtime::Handle::current().block_on(runtime.profile_attempt(&component, context(store.clone()), &event));
         if i >= 200 {
             for (samples, d) in phases.iter_mut().zip(split) {
                 samples.push(d);

@@ -43,9 +43,10 @@ impl Pipeline {
             table_elements: tenant.limits.table_elements as usize,
             max_log_bytes: tenant.limits.max_log_bytes,
             fuel: tenant.limits.fuel,
-            runtime: tokio::runtime::Handle::current(),
+            cpu_time: tenant.limits.cpu_time,
+            wall_time: tenant.limits.wall_time,
         };
-        let result = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt), tenant.limits.cpu_time).await;
+        let result = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt)).await;
         Attempt { result, component: Some(component), slot: Some(slot) }
     }
 }

@@ -251,10 +251,11 @@ impl Pipeline {
         }
     }
 
-    /// A claim must outlive every attempt and every wait between them.
+    /// A claim must outlive every attempt (each cut off at its wall-clock
+    /// limit) and every wait between them.
     fn lease(&self, handler: &Handler) -> Duration {
         let policy = &handler.config.retry;
-        handler.tenant.limits.cpu_time * policy.max_attempts + policy.worst_case_waits() + self.idempotency.lease_margin
+        handler.tenant.limits.wall_time * policy.max_attempts + policy.worst_case_waits() + self.idempotency.lease_margin
     }
 
     /// The event's one decision line, its counter, and its report.

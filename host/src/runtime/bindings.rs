@@ -6,6 +6,11 @@
 wasmtime::component::bindgen!({
     world: "handler",
     path: "../wit",
+    // Async on both sides: a state read awaits the store instead of
+    // blocking, and an attempt is a future the host can cut off at its
+    // wall-clock limit wherever the guest is (computing or blocked in WASI).
+    imports: { default: async },
+    exports: { default: async },
 });
 
 pub use wasmsub::handler::log::Level as GuestLogLevel;

@@ -72,6 +72,8 @@ pub fn build_engine(config: &EngineConfig) -> anyhow::Result<Engine> {
         .total_core_instances(config.instance_slots * CORE_INSTANCES_PER_COMPONENT)
         .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
         .total_memories(config.instance_slots)
+        // Attempts run as futures on fiber stacks: one per slot.
+        .total_stacks(config.instance_slots)
         .max_memories_per_component(1)
         .total_tables(config.instance_slots * TABLES_PER_COMPONENT)
         .max_tables_per_component(TABLES_PER_COMPONENT)

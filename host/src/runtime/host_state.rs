@@ -47,8 +47,10 @@ pub struct AttemptContext {
     pub max_log_bytes: usize,
     /// Fuel per attempt, if the tenant meters it.
     pub fuel: Option<u64>,
-    /// The async runtime, for state reads made from the blocking guest thread.
-    pub runtime: tokio::runtime::Handle,
+    /// Time the guest may spend running (epoch ticks while in wasm).
+    pub cpu_time: std::time::Duration,
+    /// Time the attempt may take in all, blocked in WASI calls included.
+    pub wall_time: std::time::Duration,
 }
 
 pub struct AttemptState {
@@ -139,7 +141,7 @@ impl WasiView for AttemptState {
 impl types::Host for AttemptState {}
 
 impl log::Host for AttemptState {
-    fn write(&mut self, level: GuestLogLevel, message: String) {
+    async fn write(&mut self, level: GuestLogLevel, message: String) {
         if !self.charge_log(message.len().min(MAX_LOG_LINE_BYTES)) {
             return;
         }
@@ -171,14 +173,13 @@ impl log::Host for AttemptState {
 }
 
 impl state::Host for AttemptState {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, String> {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, String> {
         effects::check_key(&key)?;
         if let Some(buffered) = self.effects.buffered_read(&key) {
             return Ok(buffered.map(<[u8]>::to_vec));
         }
         let ctx = &self.ctx;
-        // The guest runs on a blocking thread, so waiting here is allowed.
-        match ctx.runtime.block_on(ctx.store.get_state(&ctx.namespace, &key)) {
+        match ctx.store.get_state(&ctx.namespace, &key).await {
             Ok(value) => Ok(value),
             Err(error) => {
                 let reason = format!("state store unavailable: {error}");
@@ -188,17 +189,17 @@ impl state::Host for AttemptState {
         }
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+    async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
         self.effects.set(key, value)
     }
 
-    fn delete(&mut self, key: String) -> Result<(), String> {
+    async fn delete(&mut self, key: String) -> Result<(), String> {
         self.effects.delete(key)
     }
 }
 
 impl publisher::Host for AttemptState {
-    fn publish(&mut self, topic: String, data: Vec<u8>, content_type: String) -> Result<(), String> {
+    async fn publish(&mut self, topic: String, data: Vec<u8>, content_type: String) -> Result<(), String> {
         self.check_publish_topic(&topic)?;
         if content_type.len() > 255 {
             return Err("content type is longer than 255 bytes".into());

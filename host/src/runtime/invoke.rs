@@ -2,10 +2,9 @@
 //! and a verdict that keeps the failure classes apart (guest answer, guest
 //! trap or limit, host infrastructure).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use super::bindings::{Disposition, Event};
 use super::component::HandlerComponent;
@@ -35,39 +34,51 @@ pub enum AttemptResult {
     Infrastructure(String),
 }
 
-/// A finished attempt's store. Dropping it returns the instance's memory
-/// to the pool (resetting the pages it touched), which is a third of a
-/// fresh instance's cost: callers drop it after they have passed the result
-/// on, so the event's answer does not wait for the clean-up.
-pub struct SpentStore(#[allow(dead_code)] Option<Store<AttemptState>>);
-
-/// Runs one attempt; the result, and the store to drop afterwards.
-pub fn run_attempt(
-    engine: &Engine,
-    component: &Arc<HandlerComponent>,
-    ctx: AttemptContext,
-    event: &Event,
-    cpu_time: Duration,
-) -> (AttemptResult, SpentStore) {
-    let fuel = ctx.fuel;
+/// Runs one attempt on a fresh store and instance. The store is returned
+/// with the result: dropping it returns the instance's memory to the pool
+/// (resetting the pages it touched), which callers do after passing the
+/// result on, so the answer does not wait for the clean-up.
+pub async fn run_attempt(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext, event: &Event) -> (AttemptResult, Store<AttemptState>) {
+    let (cpu_time, wall_time, fuel) = (ctx.cpu_time, ctx.wall_time, ctx.fuel);
     let mut store = Store::new(engine, AttemptState::new(ctx));
     store.limiter(|state| &mut state.limits);
-    store.set_epoch_deadline(deadline_ticks(cpu_time));
-    store.epoch_deadline_trap();
+    // Each epoch tick the guest yields to the executor (so the wall-clock
+    // timer can fire and others run); past its CPU-time ticks it traps.
+    let cpu_ticks = deadline_ticks(cpu_time);
+    let mut ticks_used = 0;
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        ticks_used += 1;
+        Ok(if ticks_used >= cpu_ticks { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+    });
     // Fails (harmlessly) when the engine does not meter fuel. Tenants
     // without a fuel limit get all there is: only their CPU time applies.
     let _ = store.set_fuel(fuel.unwrap_or(u64::MAX));
 
-    let handler = match component.pre.instantiate(&mut store) {
-        Ok(handler) => handler,
-        Err(error) => {
-            let result = instantiate_failure(&store, error);
-            return (result, SpentStore(Some(store)));
+    let attempt = async {
+        let handler = component.pre.instantiate_async(&mut store).await.map_err(Failure::Instantiate)?;
+        handler.call_handle(&mut store, event).await.map_err(Failure::Call)
+    };
+    let result = match tokio::time::timeout(wall_time, attempt).await {
+        Ok(Ok(answer)) => verdict(store.data_mut(), Ok(answer), cpu_time),
+        Ok(Err(Failure::Call(error))) => verdict(store.data_mut(), Err(error), cpu_time),
+        Ok(Err(Failure::Instantiate(error))) => instantiate_failure(&store, error),
+        Err(_) => {
+            // Blocked in WASI (a sleep, a poll) or just slow: the attempt is
+            // abandoned where it stands; its instance is dropped unused.
+            let state = store.data_mut();
+            let reason = with_stderr(format!("wall-clock limit {} exceeded", humantime::format_duration(wall_time)), state);
+            forward_stdio(state);
+            AttemptResult::Trapped(cut(reason))
         }
     };
-    let answer = handler.call_handle(&mut store, event);
-    let result = verdict(store.data_mut(), answer, cpu_time);
-    (result, SpentStore(Some(store)))
+    (result, store)
+}
+
+/// Where an attempt failed before it had an answer.
+enum Failure {
+    Instantiate(wasmtime::Error),
+    Call(wasmtime::Error),
 }
 
 fn verdict(state: &mut AttemptState, answer: wasmtime::Result<Disposition>, cpu_time: Duration) -> AttemptResult {
@@ -133,7 +144,7 @@ fn instantiate_failure(store: &Store<AttemptState>, error: wasmtime::Error) -> A
 /// limiter recorded, the trap's kind, then what the guest wrote to stderr
 /// (a panic message).
 fn trap_reason(error: &wasmtime::Error, cpu_time: Duration, state: &AttemptState) -> String {
-    let mut reason = match (state.limits.hit, error.downcast_ref::<Trap>()) {
+    let reason = match (state.limits.hit, error.downcast_ref::<Trap>()) {
         (Some(hit), _) => hit.to_string(),
         (None, Some(Trap::Interrupt)) => format!("cpu time limit {} exceeded", humantime::format_duration(cpu_time)),
         (None, Some(Trap::OutOfFuel)) => format!("fuel limit {} exceeded", state.ctx.fuel.unwrap_or_default()),
@@ -141,6 +152,11 @@ fn trap_reason(error: &wasmtime::Error, cpu_time: Duration, state: &AttemptState
         (None, Some(trap)) => format!("guest trapped: {trap}"),
         (None, None) => format!("guest failed: {}", first_line(error)),
     };
+    with_stderr(reason, state)
+}
+
+/// `reason`, followed by what the guest wrote to stderr (a panic message).
+fn with_stderr(mut reason: String, state: &AttemptState) -> String {
     let stderr = state.stderr.contents();
     if !stderr.is_empty() {
         reason.push_str(": ");
@@ -157,9 +173,9 @@ fn first_line(error: &wasmtime::Error) -> String {
 }
 
 #[cfg(feature = "bench")]
-/// One instance kept alive across calls (benchmarks only). The service never does this (a
-/// fresh instance per attempt is what isolates events); the benchmark uses it
-/// as the floor that per-event isolation is measured against.
+/// One instance kept alive across calls (benchmarks only). The service never
+/// does this (a fresh instance per attempt is what isolates events); the
+/// benchmark uses it as the floor that per-event isolation is measured against.
 pub struct ReusedInstance {
     store: Store<AttemptState>,
     handler: super::bindings::Handler,
@@ -168,18 +184,18 @@ pub struct ReusedInstance {
 #[cfg(feature = "bench")]
 impl ReusedInstance {
     /// Instantiates `component` once, for many calls.
-    pub fn new(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext) -> anyhow::Result<Self> {
+    pub async fn new(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext) -> anyhow::Result<Self> {
         let mut store = Store::new(engine, AttemptState::new(ctx));
         store.limiter(|state| &mut state.limits);
         store.set_epoch_deadline(u64::MAX / 2);
-        let handler = component.pre.instantiate(&mut store).map_err(anyhow::Error::from)?;
+        let handler = component.pre.instantiate_async(&mut store).await.map_err(anyhow::Error::from)?;
         Ok(Self { store, handler })
     }
 
     /// Calls `handle` on the same instance again.
-    pub fn call(&mut self, event: &Event) -> anyhow::Result<Disposition> {
+    pub async fn call(&mut self, event: &Event) -> anyhow::Result<Disposition> {
         self.store.set_epoch_deadline(u64::MAX / 2);
-        self.handler.call_handle(&mut self.store, event).map_err(anyhow::Error::from)
+        self.handler.call_handle(&mut self.store, event).await.map_err(anyhow::Error::from)
     }
 }
 
@@ -187,16 +203,16 @@ impl ReusedInstance {
 /// Where a fresh-instance attempt spends its time, for the benchmark:
 /// creating the store (with its WASI context), instantiating, the call, and
 /// dropping the store (which returns the instance's slot to the pool).
-pub fn profile_attempt(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext, event: &Event) -> [std::time::Duration; 4] {
+pub async fn profile_attempt(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext, event: &Event) -> [std::time::Duration; 4] {
     use std::time::Instant;
     let t0 = Instant::now();
     let mut store = Store::new(engine, AttemptState::new(ctx));
     store.limiter(|state| &mut state.limits);
     store.set_epoch_deadline(u64::MAX / 2);
     let t1 = Instant::now();
-    let handler = component.pre.instantiate(&mut store).expect("instantiate");
+    let handler = component.pre.instantiate_async(&mut store).await.expect("instantiate");
     let t2 = Instant::now();
-    let answer = handler.call_handle(&mut store, event).expect("call");
+    let answer = handler.call_handle(&mut store, event).await.expect("call");
     let t3 = Instant::now();
     drop(store);
     let t4 = Instant::now();

@@ -18,7 +18,6 @@ mod limits;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use wasmtime::Engine;
@@ -30,7 +29,12 @@ pub use engine::EngineConfig;
 pub use host_state::AttemptContext;
 pub use invoke::AttemptResult;
 #[cfg(feature = "bench")]
-pub use invoke::{ReusedInstance, SpentStore};
+pub use invoke::ReusedInstance;
+
+/// A finished attempt's store (benchmarks): dropping it returns the
+/// instance to the pool, which the benchmark times apart.
+#[cfg(feature = "bench")]
+pub struct SpentStore(#[allow(dead_code)] wasmtime::Store<host_state::AttemptState>);
 pub use limits::LimitHit;
 
 use host_state::AttemptState;
@@ -53,7 +57,7 @@ impl Runtime {
     pub fn new(config: &EngineConfig) -> anyhow::Result<Self> {
         let engine = engine::build_engine(config)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
         bindings::Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(anyhow::Error::from)
             .context("linking the handler world's imports")?;
@@ -73,25 +77,24 @@ impl Runtime {
         component::from_bytes(&self.engine, &self.linker, self.cache.as_ref(), origin, bytes)
     }
 
-    /// Runs one attempt on a blocking thread (wasm calls block).
-    pub async fn dispatch(
-        &self,
-        component: Arc<HandlerComponent>,
-        ctx: AttemptContext,
-        event: Event,
-        cpu_time: Duration,
-    ) -> AttemptResult {
+    /// Runs one attempt on a fresh instance, once an instance slot is free.
+    ///
+    /// The attempt runs on a blocking thread (guest code computes; it must
+    /// not hold one of the async workers), driven as a future there so that
+    /// WASI calls are async and the wall-clock limit can cut it off.
+    pub async fn dispatch(&self, component: Arc<HandlerComponent>, ctx: AttemptContext, event: Event) -> AttemptResult {
         let Ok(slot) = self.slots.clone().acquire_owned().await else {
             return AttemptResult::Infrastructure("instance pool closed".into());
         };
         let engine = self.engine.clone();
+        let runtime = tokio::runtime::Handle::current();
         let (answer, answered) = tokio::sync::oneshot::channel();
         let attempt = tokio::task::spawn_blocking(move || {
-            let (result, spent) = invoke::run_attempt(&engine, &component, ctx, &event, cpu_time);
+            let (result, store) = runtime.block_on(invoke::run_attempt(&engine, &component, ctx, &event));
             // Answer first; then return the instance to the pool (and only
             // then free its slot).
             let _ = answer.send(result);
-            drop(spent);
+            drop(store);
             drop(slot);
         });
         match answered.await {
@@ -103,24 +106,25 @@ impl Runtime {
         }
     }
 
-    /// Runs one attempt on the calling thread (benchmarks, which measure the
-    /// call itself without the thread hand-off): the result, and the store
-    /// whose drop returns the instance to the pool.
+    /// Runs one attempt on the calling task, with no slot gate (benchmarks,
+    /// which measure the call without the thread hand-off): the result, and
+    /// the store whose drop returns the instance to the pool.
     #[cfg(feature = "bench")]
-    pub fn dispatch_blocking(&self, component: &Arc<HandlerComponent>, ctx: AttemptContext, event: &Event, cpu_time: Duration) -> (AttemptResult, invoke::SpentStore) {
-        invoke::run_attempt(&self.engine, component, ctx, event, cpu_time)
+    pub async fn attempt_inline(&self, component: &HandlerComponent, ctx: AttemptContext, event: &Event) -> (AttemptResult, SpentStore) {
+        let (result, store) = invoke::run_attempt(&self.engine, component, ctx, event).await;
+        (result, SpentStore(store))
     }
 
     /// The phases of one fresh-instance attempt, for the benchmark.
     #[cfg(feature = "bench")]
-    pub fn profile_attempt(&self, component: &HandlerComponent, ctx: AttemptContext, event: &Event) -> [Duration; 4] {
-        invoke::profile_attempt(&self.engine, component, ctx, event)
+    pub async fn profile_attempt(&self, component: &HandlerComponent, ctx: AttemptContext, event: &Event) -> [std::time::Duration; 4] {
+        invoke::profile_attempt(&self.engine, component, ctx, event).await
     }
 
     /// An instance kept across calls, for the benchmark's baseline.
     #[cfg(feature = "bench")]
-    pub fn reused_instance(&self, component: &HandlerComponent, ctx: AttemptContext) -> anyhow::Result<ReusedInstance> {
-        ReusedInstance::new(&self.engine, component, ctx)
+    pub async fn reused_instance(&self, component: &HandlerComponent, ctx: AttemptContext) -> anyhow::Result<ReusedInstance> {
+        ReusedInstance::new(&self.engine, component, ctx).await
     }
 
     /// The shared engine.
