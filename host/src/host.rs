@@ -31,6 +31,7 @@ use crate::outbox::Publisher;
 use crate::outbox::relay::{self, RelayTrigger};
 use crate::pipeline::dead_letter::DeadLetter;
 use crate::pipeline::outcome::DaprStatus;
+use crate::pipeline::flow::FlowControl;
 use crate::pipeline::{EventReport, Pipeline, PipelineParts};
 use crate::runtime::{EngineConfig, Runtime};
 use crate::server::{self, admin::AdminState, health::HealthState};
@@ -202,6 +203,7 @@ impl Host {
             idempotency: manifest.idempotency.clone(),
             clock: options.clock.clone(),
             stopping: stopping.clone(),
+            flow: FlowControl::new(embedded.as_ref().map(|(_, queue, _)| queue.index().clone())),
         }));
         let door = Arc::new(Door::new(registry.clone(), pipeline.clone(), max_in_flight, stopping.clone()));
         let budget = Arc::new(MemoryBudget::compute(manifest, &registry, &BudgetInputs {
@@ -305,6 +307,17 @@ impl Host {
     /// The version serving a handler now.
     pub fn current_version(&self, tenant: &str, handler: &str) -> Option<String> {
         self.registry.find(tenant, handler).map(|h| h.current().version.clone())
+    }
+
+    /// (messages, bytes) on the embedded broker's queue; `None` behind Dapr.
+    pub fn queue_depth(&self) -> Option<(usize, usize)> {
+        self.health.queue.as_ref().map(|(queue, _, _)| queue.index().depth())
+    }
+
+    /// Messages a tenant's handlers have waiting on the embedded queue.
+    pub fn queued_publishes_of(&self, tenant: &str) -> usize {
+        let origin = Some(std::sync::Arc::from(tenant));
+        self.health.queue.as_ref().map_or(0, |(queue, _, _)| queue.index().with(|index| index.backlog(&origin).0))
     }
 
     /// Why the host cannot take events now (empty: it can).

@@ -17,8 +17,8 @@
 //!
 //! Around it: [`control`] (handlers, versions, deploys), [`manifest`] (the
 //! `wasmsub.toml` file), [`server`] (HTTP), [`host`] (assembly), [`clock`]
-//! (the time seam tests control), [`sidecar`] (Dapr's HTTP API) and [`cli`]
-//! (the command's client and demo).
+//! (the time seam tests control), [`sidecar`] (Dapr's HTTP API), [`text`]
+//! (escaping what others wrote) and [`cli`] (the command's client and demo).
 #![deny(missing_docs)]
 
 mod budget;
@@ -35,6 +35,7 @@ pub mod runtime;
 mod server;
 pub mod sidecar;
 pub mod store;
+pub mod text;
 pub mod transport;
 
 pub use budget::MemoryBudget;

@@ -42,6 +42,17 @@ pub const DEFAULT_TABLE_ELEMENTS: u32 = 20_000;
 /// Largest component a tenant may deploy: Rust handlers are 50-500 KB, a
 /// Python or JavaScript one with its interpreter some tens of MB.
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
+/// Publishes per second a tenant's handlers may make: far above what an
+/// event-driven handler needs (a few per event), low enough that a handler
+/// publishing to its own topic cannot take the host over.
+pub const DEFAULT_MAX_PUBLISH_RATE: u32 = 1000;
+/// Messages a tenant may have waiting on the embedded queue: a tenth of the
+/// queue's default bound, so one tenant's backlog leaves room for the others.
+pub const DEFAULT_MAX_QUEUED_PUBLISHES: usize = 1000;
+/// State a tenant may hold: 64 MiB of keys and values.
+pub const DEFAULT_MAX_STATE_BYTES: u64 = 64 << 20;
+/// State keys a tenant may hold.
+pub const DEFAULT_MAX_STATE_KEYS: u64 = 100_000;
 /// The pub/sub component name Dapr's quick starts use.
 pub const DEFAULT_PUBSUB: &str = "pubsub";
 
@@ -123,6 +134,16 @@ pub struct TenantLimits {
     /// Optional fuel per attempt (wasm instructions, roughly): a
     /// deterministic bound, where `cpu_time` is a wall-clock one.
     pub fuel: Option<u64>,
+    /// Messages per second the tenant's handlers may publish (a burst of
+    /// one second's worth is allowed). Past it, events are deferred.
+    pub max_publish_rate: u32,
+    /// Messages the tenant's handlers may have waiting on the embedded
+    /// queue at once. Past it, events are deferred until the backlog drains.
+    pub max_queued_publishes: usize,
+    /// Bytes of state (keys and values) the tenant may hold.
+    pub max_state_bytes: u64,
+    /// State keys the tenant may hold.
+    pub max_state_keys: u64,
 }
 
 /// Capabilities beyond the handler world. Everything is denied unless
@@ -171,6 +192,10 @@ impl Default for TenantLimits {
             table_elements: DEFAULT_TABLE_ELEMENTS,
             max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
             fuel: None,
+            max_publish_rate: DEFAULT_MAX_PUBLISH_RATE,
+            max_queued_publishes: DEFAULT_MAX_QUEUED_PUBLISHES,
+            max_state_bytes: DEFAULT_MAX_STATE_BYTES,
+            max_state_keys: DEFAULT_MAX_STATE_KEYS,
         }
     }
 }
@@ -379,6 +404,9 @@ fn validate_limits(limits: &TenantLimits) -> anyhow::Result<()> {
     }
     if limits.fuel == Some(0) {
         bail!("fuel must be positive when set");
+    }
+    if limits.max_publish_rate == 0 {
+        bail!("max_publish_rate must be positive (publish_topics = [] is how a tenant publishes nothing)");
     }
     for topic in &limits.publish_topics {
         if topic != "*" {

@@ -19,7 +19,7 @@ const HOST: &str = env!("CARGO_BIN_EXE_wasmsub-under-test");
 fn manifest(dir: &std::path::Path, limits: &str) -> PathBuf {
     let r = guests::RECORDER;
     let text = format!(
-        "[idempotency]\nlease_margin = \"5s\"\n[[tenant]]\nname = \"acme\"\nlimits = {{ publish_topics = [\"followups\"]{limits} }}\n\
+        "[idempotency]\nlease_margin = \"5s\"\n[[tenant]]\nname = \"acme\"\nlimits = {{ publish_topics = [\"followups\"], max_state_keys = 1000000, max_queued_publishes = 100000, max_publish_rate = 100000{limits} }}\n\
          [[tenant.handler]]\nname = \"orders\"\ncomponent = {r:?}\ntopic = \"orders\"\n\
          retry = {{ max_attempts = 3, multiplier = 0.05, min = \"50ms\", max = \"200ms\" }}\n\
          [[tenant.handler]]\nname = \"followups\"\ncomponent = {r:?}\ntopic = \"followups\"\n\

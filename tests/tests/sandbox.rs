@@ -217,3 +217,104 @@ async fn sleepers_are_stopped_at_the_wall_clock_limit_and_a_quiet_tenant_is_not_
     host.publish("naps", &cloud_event("short-nap", json!({"sleep_ms": 50}))).await.unwrap();
     assert_eq!(host.next_settled().await.outcome, Outcome::Processed { attempts: 1 });
 }
+
+/// Publish → settled latencies of `count` quiet events, one at a time.
+async fn quiet_latencies(host: &mut TestHost, label: &str, count: usize) -> Vec<std::time::Duration> {
+    let mut latencies = Vec::with_capacity(count);
+    for i in 0..count {
+        let id = format!("{label}-{i}");
+        let started = std::time::Instant::now();
+        host.publish("orders", &cloud_event(&id, json!({}))).await.unwrap();
+        loop {
+            let report = host.next_settled().await;
+            if report.event_id == id {
+                assert_eq!(report.outcome, Outcome::Processed { attempts: 1 });
+                break;
+            }
+        }
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    latencies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_publishing_handler_is_held_to_its_quotas_and_a_deploy_stops_it() {
+    let manifest = format!(
+        "[[tenant]]\nname = \"flood\"\nlimits = {{ publish_topics = [\"loop\"], max_queued_publishes = 256, max_publish_rate = 2000 }}\n\
+         [[tenant.handler]]\nname = \"looper\"\ncomponent = {:?}\ntopic = \"loop\"\n\n\
+         [[tenant]]\nname = \"acme\"\n[[tenant.handler]]\nname = \"quiet\"\ncomponent = {:?}\ntopic = \"orders\"\n",
+        guests::SELF_PUBLISHER, guests::RECORDER
+    );
+    let mut host = TestHost::start(&manifest).await.unwrap();
+    let alone = quiet_latencies(&mut host, "alone", 40).await;
+
+    // One event starts the loop: each makes 64 more, for ever.
+    host.publish("loop", &cloud_event("spark", json!({}))).await.unwrap();
+    let beside = quiet_latencies(&mut host, "beside", 40).await;
+    // The flood is held to its backlog quota (plus what attempts admitted
+    // just before it was reached: at most one attempt's 64 per slot).
+    let queued = host.host.queued_publishes_of("flood");
+    assert!(queued >= 64, "the loop did not run: {queued} queued");
+    assert!(queued <= 256 + 16 * 64, "the flood's backlog grew past its quota: {queued}");
+    let (p99_alone, p99_beside) = (alone[alone.len() * 99 / 100], beside[beside.len() * 99 / 100]);
+    eprintln!("quiet tenant p50 {:?} p99 {p99_alone:?} alone; p50 {:?} p99 {p99_beside:?} beside the loop", alone[alone.len() / 2], beside[beside.len() / 2]);
+
+    // A harmless version stops the loop: attempts from now on run it, the
+    // backlog drains and nothing refills it.
+    host.host.deployer().deploy("flood", "looper", std::path::Path::new("fix"), std::fs::read(guests::RECORDER).unwrap()).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while host.host.queue_depth() != Some((0, 0)) {
+        assert!(std::time::Instant::now() < deadline, "the loop kept going after the deploy: {:?}", host.host.queue_depth());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_filling_handler_is_refused_at_its_quota_and_others_keep_writing() {
+    // The recorder writes two keys per event (`count:` and `event:`); a
+    // tenant held to 10 keys can take 5 distinct events.
+    let manifest = format!(
+        "[[tenant]]\nname = \"hoarder\"\nlimits = {{ max_state_keys = 10 }}\n\
+         [[tenant.handler]]\nname = \"filler\"\ncomponent = {:?}\ntopic = \"fill\"\nretry = {{ max_attempts = 1 }}\n\n\
+         [[tenant]]\nname = \"acme\"\n[[tenant.handler]]\nname = \"quiet\"\ncomponent = {:?}\ntopic = \"orders\"\n",
+        guests::RECORDER, guests::RECORDER
+    );
+    let mut host = TestHost::start(&manifest).await.unwrap();
+    for i in 0..5 {
+        host.publish("fill", &cloud_event(&format!("fill-{i}"), json!({}))).await.unwrap();
+        assert_eq!(host.next_settled().await.outcome, Outcome::Processed { attempts: 1 });
+    }
+    host.publish("fill", &cloud_event("one-too-many", json!({}))).await.unwrap();
+    let report = host.next_settled().await;
+    let Outcome::DeadLettered { reason, .. } = &report.outcome else { panic!("{report:?}") };
+    assert!(reason.contains("state quota: tenant `hoarder` would hold 11 state keys, over its max_state_keys of 10"), "{reason}");
+    // Rewriting what it holds is still allowed (no new key).
+    host.publish("fill", &cloud_event("again", json!({"key": "fill-0"}))).await.unwrap();
+    assert_eq!(host.next_settled().await.outcome, Outcome::Processed { attempts: 1 });
+    // Another tenant is not held to the hoarder's quota.
+    for i in 0..20 {
+        host.publish("orders", &cloud_event(&format!("o-{i}"), json!({}))).await.unwrap();
+        assert_eq!(host.next_settled().await.outcome, Outcome::Processed { attempts: 1 });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_text_is_escaped_before_it_reaches_logs_and_dead_letters() {
+    let logs = captured_logs();
+    let manifest = manifest_text("", &[HandlerSpec::new("forger", guests::LOG_FORGER, "orders").with("retry = { max_attempts = 1 }")]);
+    let mut host = TestHost::start(&manifest).await.unwrap();
+    host.publish("orders", &cloud_event("evil\nid", json!({}))).await.unwrap();
+    let report = host.next_settled().await;
+    let Outcome::DeadLettered { reason, .. } = &report.outcome else { panic!("{report:?}") };
+    assert!(!reason.contains('\u{1b}') && reason.contains("\\u{1b}[2J"), "the reason keeps its escape sequence raw: {reason:?}");
+    let listed = host.host.dead_letters().await;
+    assert!(!listed[0].reason.contains('\u{1b}'));
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    for line in text.lines().filter(|l| l.contains("FORGED")) {
+        assert!(line.contains("handler=forger"), "a guest forged a log line of its own: {line}");
+        assert!(line.contains("\\n"), "{line}");
+    }
+    assert!(text.contains("FORGED"), "the guest's line never reached the log");
+    assert!(!text.lines().any(|l| l.contains("messaging.message.id=evil") && !l.contains("evil\\nid")), "an event id was logged raw");
+}

@@ -99,6 +99,8 @@ fn context(store: Arc<dyn DeliveryStore>) -> AttemptContext {
         fuel: None,
         cpu_time: Duration::from_secs(5),
         wall_time: Duration::from_secs(5),
+        max_state_bytes: u64::MAX,
+        max_state_keys: u64::MAX,
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::pipeline::dead_letter::DeadLetter;
+use crate::text::printable;
 
 /// Publishing from the CLI is one request; a host that does not answer in
 /// this time is reported as down rather than waited for.
@@ -49,14 +50,14 @@ pub async fn print_dead_letters(base_url: &str) -> anyhow::Result<()> {
     for entry in entries {
         println!(
             "{at}  {tenant}/{handler}  event {id} on {topic} -> {dlt} after {attempts} attempt(s): {reason}",
-            at = entry.at,
-            tenant = entry.tenant,
-            handler = entry.handler,
-            id = entry.event_id,
-            topic = entry.topic,
-            dlt = entry.dead_letter_topic,
+            at = printable(&entry.at),
+            tenant = printable(&entry.tenant),
+            handler = printable(&entry.handler),
+            id = printable(&entry.event_id),
+            topic = printable(&entry.topic),
+            dlt = printable(&entry.dead_letter_topic),
             attempts = entry.attempts,
-            reason = entry.reason,
+            reason = printable(&entry.reason),
         );
     }
     Ok(())
@@ -68,7 +69,7 @@ async fn admin_call(request: reqwest::RequestBuilder, url: &str) -> anyhow::Resu
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     if !status.is_success() {
         let reason = body.get("error").and_then(|e| e.as_str()).unwrap_or("no reason given");
-        bail!("{url} answered {status}: {reason}");
+        bail!("{url} answered {status}: {}", printable(reason));
     }
     Ok(body)
 }

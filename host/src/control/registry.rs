@@ -29,6 +29,13 @@ pub struct Tenant {
     pub capabilities: Arc<Capabilities>,
     /// Bounds the tenant's attempts running at once.
     pub concurrency: Arc<Semaphore>,
+    /// Deliveries waiting for one of those slots. Bounded too (by
+    /// `max_concurrency` again): a busy tenant's excess goes back to the
+    /// broker instead of holding places the other tenants need.
+    pub waiting: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set while the one attempt a tenant over its publish backlog quota
+    /// may run is running (see `pipeline/flow.rs`).
+    pub probing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What a handler's deliveries came to, since the host started.
@@ -44,6 +51,15 @@ pub struct HandlerCounts {
     pub dead_lettered: AtomicU64,
     /// Deliveries handed back to the broker (held elsewhere, store down).
     pub deferred: AtomicU64,
+}
+
+impl Tenant {
+    /// Whether a new delivery should wait for a slot, or go back to the
+    /// broker because as many already wait as the tenant may run at once.
+    pub fn saturated(&self) -> bool {
+        self.concurrency.available_permits() == 0
+            && self.waiting.load(std::sync::atomic::Ordering::Relaxed) >= self.limits.max_concurrency as usize
+    }
 }
 
 impl HandlerCounts {
@@ -209,6 +225,8 @@ impl Registry {
                 publish_topics: tenant_config.limits.publish_topics.clone().into(),
                 capabilities: Arc::new(tenant_config.capabilities.clone()),
                 concurrency: Arc::new(Semaphore::new(tenant_config.limits.max_concurrency as usize)),
+                waiting: Arc::default(),
+                probing: Arc::default(),
             });
             tenants.insert(tenant_config.name.clone(), tenant.clone());
             for config in &tenant_config.handlers {

@@ -36,8 +36,16 @@ impl Pipeline {
                 pubsub: handler.config.pubsub.clone(),
                 event: CloudEvent::new_outgoing(outgoing_id(&token.key, index), &source, &publish.topic, &publish.data, &publish.content_type),
                 topic: publish.topic,
+                origin: Some(handler.tenant.name.to_string()),
             })
             .collect();
+        if let Err(reason) = self.flow.admit(&handler.tenant, outbox.len()) {
+            // Nothing is committed: the event runs again when the tenant's
+            // publishes have room.
+            drop(slot);
+            self.release(token).await;
+            return Outcome::Throttled { reason };
+        }
         let commit = Commit {
             claim: token,
             completion: Completion::Processed,
@@ -132,11 +140,15 @@ impl Pipeline {
 
     /// Gives the event back to the broker: nothing was committed.
     pub(super) async fn defer(&self, token: &ClaimToken, reason: String) -> Outcome {
+        self.release(token).await;
+        Outcome::Deferred { reason }
+    }
+
+    async fn release(&self, token: &ClaimToken) {
         if let Err(error) = self.store.release(token).await {
             // The lease expires on its own; the redelivery waits for it.
             tracing::warn!(%error, "could not release the claim; it will expire with its lease");
         }
-        Outcome::Deferred { reason }
     }
 }
 

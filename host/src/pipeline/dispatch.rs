@@ -6,6 +6,7 @@
 //! started yet, retries included.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -25,7 +26,10 @@ impl Pipeline {
     pub(super) async fn attempt(&self, flight: &InFlight<'_>, event: &CloudEvent, attempt: u32) -> Attempt {
         let handler = flight.handler;
         let tenant = &handler.tenant;
-        let Ok(slot) = tenant.concurrency.clone().acquire_owned().await else {
+        tenant.waiting.fetch_add(1, Ordering::Relaxed);
+        let slot = tenant.concurrency.clone().acquire_owned().await;
+        tenant.waiting.fetch_sub(1, Ordering::Relaxed);
+        let Ok(slot) = slot else {
             let result = AttemptResult::Infrastructure("tenant concurrency gate closed".into());
             return Attempt { result, component: None, slot: None };
         };
@@ -45,6 +49,8 @@ impl Pipeline {
             fuel: tenant.limits.fuel,
             cpu_time: tenant.limits.cpu_time,
             wall_time: tenant.limits.wall_time,
+            max_state_bytes: tenant.limits.max_state_bytes,
+            max_state_keys: tenant.limits.max_state_keys,
         };
         let result = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt)).await;
         Attempt { result, component: Some(component), slot: Some(slot) }

@@ -12,6 +12,7 @@ pub(crate) mod dead_letter;
 pub(crate) mod dedupe;
 mod dispatch;
 pub(crate) mod effects;
+pub(crate) mod flow;
 pub(crate) mod outcome;
 pub(crate) mod receive;
 pub(crate) mod retry;
@@ -32,6 +33,7 @@ use crate::outbox::Publisher;
 use crate::outbox::relay::RelayTrigger;
 use crate::runtime::{AttemptResult, HandlerComponent, Runtime};
 use crate::store::{Claim, ClaimToken, DedupeKey, DeliveryStore};
+use crate::text::printable;
 use dead_letter::DeadLetterLog;
 use dispatch::Attempt;
 
@@ -83,6 +85,8 @@ pub(crate) struct PipelineParts {
     /// Cancelled when the host stops: events waiting to retry give up
     /// their claim and are redelivered later, instead of holding the stop.
     pub stopping: CancellationToken,
+    /// Per-tenant publish quotas.
+    pub flow: flow::FlowControl,
 }
 
 /// The stages, in order, for one event and one handler.
@@ -94,6 +98,7 @@ pub(crate) struct Pipeline {
     idempotency: IdempotencyConfig,
     clock: SharedClock,
     stopping: CancellationToken,
+    flow: flow::FlowControl,
     dead_letters: DeadLetterLog,
     reports: broadcast::Sender<EventReport>,
 }
@@ -125,6 +130,7 @@ impl Pipeline {
             idempotency: parts.idempotency,
             clock: parts.clock,
             stopping: parts.stopping,
+            flow: parts.flow,
             dead_letters: DeadLetterLog::default(),
             reports,
         }
@@ -178,7 +184,13 @@ impl Pipeline {
         let span = event_span(&flight);
         async {
             let outcome = match derived {
-                Ok(_) => self.claim_and_run(&mut flight, event).await,
+                Ok(_) if handler.tenant.saturated() => Outcome::Throttled {
+                    reason: format!("tenant `{}` is running and queueing all it may; the event comes again later", handler.tenant.name),
+                },
+                Ok(_) => match self.flow.before_attempt(&handler.tenant) {
+                    Ok(_probe) => self.claim_and_run(&mut flight, event).await,
+                    Err(reason) => Outcome::Throttled { reason },
+                },
                 Err(error) => self.dead_letter_unclaimed(&flight, &event.original, error.to_string()).await,
             };
             self.report(&flight, outcome)
@@ -265,7 +277,7 @@ impl Pipeline {
             Outcome::Processed { .. } => &counts.processed,
             Outcome::Duplicate { .. } => &counts.duplicates,
             Outcome::DeadLettered { .. } => &counts.dead_lettered,
-            Outcome::InFlightElsewhere | Outcome::Deferred { .. } => &counts.deferred,
+            Outcome::InFlightElsewhere | Outcome::Deferred { .. } | Outcome::Throttled { .. } => &counts.deferred,
         });
         let version = flight.component.as_ref().map_or("", |c| c.short_version());
         match &outcome {
@@ -277,6 +289,7 @@ impl Pipeline {
             Outcome::DeadLettered { reason, attempts } => tracing::warn!(outcome = outcome.label(), messaging.attempt = attempts,
                 handler.version = %version, dead_letter_topic = %flight.handler.dead_letter_topic, %reason, "event dead-lettered"),
             Outcome::Deferred { reason } => tracing::warn!(outcome = outcome.label(), %reason, "event deferred; asking for redelivery"),
+            Outcome::Throttled { reason } => tracing::debug!(outcome = outcome.label(), %reason, "event held back by a tenant quota; asking for redelivery"),
         }
         // Reports are for watchers (demo, tests, benchmarks): build none
         // when nobody listens.
@@ -300,7 +313,7 @@ fn event_span(flight: &InFlight<'_>) -> tracing::Span {
     tracing::info_span!("event",
         messaging.system = "dapr",
         messaging.destination.name = %flight.topic,
-        messaging.message.id = %flight.event_id,
+        messaging.message.id = %printable(&flight.event_id),
         tenant = %flight.handler.tenant.name,
         handler = %flight.handler.name,
     )

@@ -35,6 +35,13 @@ pub enum Outcome {
         /// Why.
         reason: String,
     },
+    /// A tenant quota held the event back (its concurrency, publish rate
+    /// or queued publishes): it comes again later. Expected under load, so
+    /// logged quietly.
+    Throttled {
+        /// Which quota.
+        reason: String,
+    },
 }
 
 /// What the earlier delivery of a duplicate did.
@@ -76,7 +83,7 @@ impl Outcome {
         match self {
             Outcome::Processed { .. } | Outcome::Duplicate { .. } => DaprStatus::Success,
             Outcome::DeadLettered { .. } => DaprStatus::Drop,
-            Outcome::InFlightElsewhere | Outcome::Deferred { .. } => DaprStatus::Retry,
+            Outcome::InFlightElsewhere | Outcome::Deferred { .. } | Outcome::Throttled { .. } => DaprStatus::Retry,
         }
     }
 
@@ -88,6 +95,7 @@ impl Outcome {
             Outcome::InFlightElsewhere => "in-flight-elsewhere",
             Outcome::DeadLettered { .. } => "dead-lettered",
             Outcome::Deferred { .. } => "deferred",
+            Outcome::Throttled { .. } => "throttled",
         }
     }
 }

@@ -11,6 +11,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use super::bindings::{GuestLogLevel, log, publisher, state, types};
 use super::limits::GuestLimiter;
 use crate::manifest::{Capabilities, check_topic_name};
+use crate::text::printable;
 use crate::pipeline::effects::{self, Effects, PendingPublish};
 use crate::store::DeliveryStore;
 
@@ -51,6 +52,10 @@ pub struct AttemptContext {
     pub cpu_time: std::time::Duration,
     /// Time the attempt may take in all, blocked in WASI calls included.
     pub wall_time: std::time::Duration,
+    /// State the tenant may hold: bytes of keys and values, and keys.
+    pub max_state_bytes: u64,
+    /// See `max_state_bytes`.
+    pub max_state_keys: u64,
 }
 
 pub struct AttemptState {
@@ -65,6 +70,8 @@ pub struct AttemptState {
     pub(super) stderr: MemoryOutputPipe,
     pub(super) log_bytes: usize,
     pub(super) log_lines_dropped: u32,
+    /// How this attempt's buffered writes change the tenant's state usage.
+    state_delta: (i64, i64),
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -84,6 +91,7 @@ impl AttemptState {
             stderr,
             log_bytes: 0,
             log_lines_dropped: 0,
+            state_delta: (0, 0),
             wasi,
             table: ResourceTable::new(),
         }
@@ -159,7 +167,7 @@ impl log::Host for AttemptState {
             ($level:expr) => {
                 tracing::event!(target: "wasmsub::guest", $level,
                     tenant = %ctx.tenant, handler = %ctx.handler, handler.version = %ctx.version,
-                    messaging.message.id = %ctx.event_id, "{line}")
+                    messaging.message.id = %printable(&ctx.event_id), "{}", printable(&line))
             };
         }
         match level {
@@ -190,11 +198,53 @@ impl state::Host for AttemptState {
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
-        self.effects.set(key, value)
+        effects::check_key(&key)?;
+        let delta = self.quota_checked(&key, Some(value.len())).await?;
+        self.effects.set(key, value)?;
+        self.state_delta = delta;
+        Ok(())
     }
 
     async fn delete(&mut self, key: String) -> Result<(), String> {
-        self.effects.delete(key)
+        effects::check_key(&key)?;
+        let delta = self.quota_checked(&key, None).await?;
+        self.effects.delete(key)?;
+        self.state_delta = delta;
+        Ok(())
+    }
+}
+
+impl AttemptState {
+    /// The attempt's state delta if `key` becomes `new` bytes (or is
+    /// deleted), refused when the tenant would hold more than its quota.
+    /// Stores that do not count usage (Dapr's) are not held to one.
+    async fn quota_checked(&mut self, key: &str, new: Option<usize>) -> Result<(i64, i64), String> {
+        let Some(usage) = self.ctx.store.state_usage(&self.ctx.namespace) else { return Ok(self.state_delta) };
+        let old = match self.effects.buffered_read(key) {
+            Some(buffered) => buffered.map(<[u8]>::len),
+            None => match self.ctx.store.get_state(&self.ctx.namespace, key).await {
+                Ok(value) => value.map(|v| v.len()),
+                Err(error) => {
+                    let reason = format!("state store unavailable: {error}");
+                    self.infrastructure_error = Some(reason.clone());
+                    return Err(reason);
+                }
+            },
+        };
+        let size = |len: Option<usize>| len.map_or(0, |l| (key.len() + l) as i64);
+        let delta = (
+            self.state_delta.0 + size(new) - size(old),
+            self.state_delta.1 + i64::from(new.is_some()) - i64::from(old.is_some()),
+        );
+        let bytes = usage.bytes as i64 + delta.0;
+        let keys = usage.keys as i64 + delta.1;
+        if delta.0 > self.state_delta.0 && bytes > self.ctx.max_state_bytes as i64 {
+            return Err(format!("state quota: tenant `{}` would hold {bytes} bytes of state, over its max_state_bytes of {}", self.ctx.tenant, self.ctx.max_state_bytes));
+        }
+        if delta.1 > self.state_delta.1 && keys > self.ctx.max_state_keys as i64 {
+            return Err(format!("state quota: tenant `{}` would hold {keys} state keys, over its max_state_keys of {}", self.ctx.tenant, self.ctx.max_state_keys));
+        }
+        Ok(delta)
     }
 }
 

@@ -11,6 +11,7 @@ use super::component::HandlerComponent;
 use super::engine::deadline_ticks;
 use super::host_state::{AttemptContext, AttemptState};
 use crate::pipeline::effects::Effects;
+use crate::text::printable;
 
 /// A guest's `retry`/`drop` reason, and a trap's, is kept to this many bytes:
 /// it travels in logs and dead-letter messages, and a guest must not be able
@@ -99,8 +100,13 @@ fn verdict(state: &mut AttemptState, answer: wasmtime::Result<Disposition>, cpu_
     }
 }
 
-/// Cuts `reason` to [`MAX_REASON_BYTES`] on a character boundary.
-fn cut(mut reason: String) -> String {
+/// Escapes `reason` (the guest wrote it; it goes to logs, dead letters and
+/// terminals) and cuts it to [`MAX_REASON_BYTES`] on a character boundary.
+fn cut(reason: String) -> String {
+    let mut reason = match printable(&reason) {
+        std::borrow::Cow::Borrowed(_) => reason,
+        std::borrow::Cow::Owned(escaped) => escaped,
+    };
     if reason.len() > MAX_REASON_BYTES {
         let mut end = MAX_REASON_BYTES;
         while !reason.is_char_boundary(end) {
@@ -123,7 +129,7 @@ fn forward_stdio(state: &mut AttemptState) {
             }
             let ctx = &state.ctx;
             tracing::info!(target: "wasmsub::guest", tenant = %ctx.tenant, handler = %ctx.handler,
-                handler.version = %ctx.version, messaging.message.id = %ctx.event_id, stream, "{line}");
+                handler.version = %ctx.version, messaging.message.id = %printable(&ctx.event_id), stream, "{}", printable(line));
         }
     }
 }

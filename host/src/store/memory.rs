@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::claim::{self, Claim, ClaimToken, Record};
-use super::{Commit, DedupeKey, DeliveryStore, OutboundMessage, OutboxId, StoreError};
+use super::{Commit, DedupeKey, DeliveryStore, OutboundMessage, OutboxId, StateUsage, StoreError};
 use crate::clock::{self, SharedClock};
 
 /// Claims, state and outbox in memory, behind one lock.
@@ -31,6 +31,7 @@ struct Inner {
     outbox: BTreeMap<OutboxId, OutboundMessage>,
     next_outbox_id: OutboxId,
     dead_letters: VecDeque<Vec<u8>>,
+    usage: HashMap<String, StateUsage>,
 }
 
 /// Dead-letter records kept for listing.
@@ -75,11 +76,14 @@ impl DeliveryStore for MemoryStore {
         let expires_ms = clock::after_ms(self.clock.now_ms(), commit.ttl);
         inner.claims.insert(commit.claim.key.clone(), Record::Done { kind: commit.completion.into(), expires_ms });
         for (key, value) in commit.state_writes {
+            let key_len = key.len();
             let key = (commit.tenant.to_owned(), key.clone());
-            match value {
+            let old = match value {
                 Some(value) => inner.state.insert(key, value.clone()),
                 None => inner.state.remove(&key),
             };
+            let usage = inner.usage.entry(commit.tenant.to_owned()).or_default();
+            usage.apply(key_len, old.map(|o| o.len()), value.as_ref().map(Vec::len));
         }
         if let Some(record) = commit.dead_letter {
             if inner.dead_letters.len() == DEAD_LETTERS_KEPT {
@@ -114,6 +118,10 @@ impl DeliveryStore for MemoryStore {
         let inner = self.lock();
         let skip = inner.dead_letters.len().saturating_sub(limit);
         Ok(Some(inner.dead_letters.iter().skip(skip).cloned().collect()))
+    }
+
+    fn state_usage(&self, namespace: &str) -> Option<StateUsage> {
+        Some(self.lock().usage.get(namespace).copied().unwrap_or_default())
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {

@@ -30,7 +30,7 @@ pub use dapr::DaprStore;
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use keys::DedupeKey;
 pub use memory::MemoryStore;
-pub use queue::{IndexHandle, MemoryQueue, MessageId, MessageQueue, QueueError, QueueIndex, QueueLimits, QueuedMessage, SharedIndex, Settle, Taken};
+pub use queue::{IndexHandle, Origin, MemoryQueue, MessageId, MessageQueue, QueueError, QueueIndex, QueueLimits, QueuedMessage, SharedIndex, Settle, Taken};
 
 /// A message waiting in the outbox to be published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +41,34 @@ pub struct OutboundMessage {
     pub topic: String,
     /// The CloudEvent to publish (structured JSON), with a stable id.
     pub event: Map<String, Value>,
+    /// The tenant whose handler published it (for per-tenant fairness and
+    /// quotas on the embedded queue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+/// What a state namespace holds: keys, and bytes of keys and values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateUsage {
+    /// Bytes of keys and values.
+    pub bytes: u64,
+    /// Keys.
+    pub keys: u64,
+}
+
+impl StateUsage {
+    /// Counts a write of `key` from `old` bytes (or absent) to `new` bytes
+    /// (or deleted).
+    pub fn apply(&mut self, key_len: usize, old: Option<usize>, new: Option<usize>) {
+        if let Some(old) = old {
+            self.bytes = self.bytes.saturating_sub((key_len + old) as u64);
+            self.keys = self.keys.saturating_sub(1);
+        }
+        if let Some(new) = new {
+            self.bytes += (key_len + new) as u64;
+            self.keys += 1;
+        }
+    }
 }
 
 /// Outbox entries are numbered in commit order.
@@ -132,6 +160,12 @@ pub trait DeliveryStore: Send + Sync + 'static {
 
     /// Why the store cannot be used right now, if it knows (readiness).
     fn trouble(&self) -> Option<String> {
+        None
+    }
+
+    /// What a state namespace holds, for state quotas; `None` if this store
+    /// does not count (a Dapr state store: the quota is then not enforced).
+    fn state_usage(&self, _namespace: &str) -> Option<StateUsage> {
         None
     }
 }

@@ -33,6 +33,8 @@ pub struct QueuedMessage {
     pub body: Bytes,
     /// The content type it will be delivered with.
     pub content_type: Option<String>,
+    /// The tenant whose handler published it (`None`: the publish API).
+    pub origin: Option<String>,
 }
 
 /// A message handed out for delivery.
@@ -140,7 +142,7 @@ impl IndexHandle {
 
     /// (messages, bytes) queued, handed-out ones included.
     pub fn depth(&self) -> (usize, usize) {
-        self.with(|index| (index.sizes.len(), index.bytes))
+        self.with(|index| index.depth())
     }
 
     /// When the earliest delayed message is due (Unix ms), if any.
@@ -149,20 +151,38 @@ impl IndexHandle {
     }
 }
 
-/// Which messages are due, delayed or out, and how much is queued.
+/// Who put a message on the queue: a tenant (its handlers' publishes and
+/// dead letters), or `None` for the publish API.
+pub type Origin = Option<Arc<str>>;
+
+/// One queued message's bookkeeping.
+struct Entry {
+    size: usize,
+    retries: u32,
+    origin: Origin,
+}
+
+/// Which messages are due, delayed or out, and how much is queued, overall
+/// and per origin.
+///
+/// Due messages wait in one line per origin, and [`QueueIndex::take`]
+/// serves the lines in turn: a tenant whose handler floods the queue with
+/// its own publishes gets its share of the dispatcher, not all of it.
 #[derive(Default)]
 pub struct QueueIndex {
-    ready: VecDeque<MessageId>,
+    ready: HashMap<Origin, VecDeque<MessageId>>,
+    /// Origins with due messages, in the order they are served.
+    turn: VecDeque<Origin>,
     delayed: BTreeSet<(u64, MessageId)>,
-    retries: HashMap<MessageId, u32>,
-    sizes: HashMap<MessageId, usize>,
+    entries: HashMap<MessageId, Entry>,
     bytes: usize,
+    by_origin: HashMap<Origin, (usize, usize)>,
 }
 
 impl QueueIndex {
     /// Checks that `sizes` more messages fit.
     pub fn check_room(&self, sizes: &[usize], limits: &QueueLimits) -> Result<(), QueueError> {
-        let (messages, bytes) = (self.sizes.len(), self.bytes);
+        let (messages, bytes) = (self.entries.len(), self.bytes);
         let adding: usize = sizes.iter().sum();
         if messages + sizes.len() > limits.max_messages || bytes + adding > limits.max_bytes {
             return Err(QueueError::Full { messages, bytes, max_messages: limits.max_messages, max_bytes: limits.max_bytes });
@@ -170,46 +190,81 @@ impl QueueIndex {
         Ok(())
     }
 
+    /// (messages, bytes) that `origin` has queued, handed-out ones included.
+    pub fn backlog(&self, origin: &Origin) -> (usize, usize) {
+        self.by_origin.get(origin).copied().unwrap_or_default()
+    }
+
     /// Records a message that is due now (new, or found at start-up).
-    pub fn add(&mut self, id: MessageId, size: usize, retries: u32) {
-        self.sizes.insert(id, size);
+    pub fn add(&mut self, id: MessageId, size: usize, retries: u32, origin: Origin) {
+        let backlog = self.by_origin.entry(origin.clone()).or_default();
+        backlog.0 += 1;
+        backlog.1 += size;
         self.bytes += size;
-        if retries > 0 {
-            self.retries.insert(id, retries);
+        self.entries.insert(id, Entry { size, retries, origin: origin.clone() });
+        self.make_due(id, origin, false);
+    }
+
+    fn make_due(&mut self, id: MessageId, origin: Origin, front: bool) {
+        let line = self.ready.entry(origin.clone()).or_default();
+        if line.is_empty() {
+            self.turn.push_back(origin);
         }
-        self.ready.push_back(id);
+        if front { line.push_front(id) } else { line.push_back(id) }
     }
 
     /// Whether `id` is queued (due, delayed or out for delivery).
     pub fn knows(&self, id: MessageId) -> bool {
-        self.sizes.contains_key(&id)
+        self.entries.contains_key(&id)
     }
 
-    /// Takes up to `max` due messages: (id, retries so far).
+    /// Takes up to `max` due messages, origins in turn: (id, retries so far).
     pub fn take(&mut self, max: usize, now_ms: u64) -> Vec<(MessageId, u32)> {
         while let Some(&(due, id)) = self.delayed.first() {
             if due > now_ms {
                 break;
             }
             self.delayed.pop_first();
-            self.ready.push_back(id);
+            if let Some(origin) = self.entries.get(&id).map(|e| e.origin.clone()) {
+                self.make_due(id, origin, false);
+            }
         }
-        let count = max.min(self.ready.len());
-        self.ready.drain(..count).map(|id| (id, self.retries.get(&id).copied().unwrap_or(0))).collect()
+        let mut taken = Vec::with_capacity(max.min(64));
+        while taken.len() < max {
+            let Some(origin) = self.turn.pop_front() else { break };
+            let Some(line) = self.ready.get_mut(&origin) else { continue };
+            if let Some(id) = line.pop_front() {
+                taken.push((id, self.entries.get(&id).map_or(0, |e| e.retries)));
+            }
+            if line.is_empty() {
+                self.ready.remove(&origin);
+            } else {
+                self.turn.push_back(origin);
+            }
+        }
+        taken
     }
 
     /// Settles a taken message.
     pub fn settle(&mut self, id: MessageId, how: Settle) {
         match how {
             Settle::Done => {
-                self.retries.remove(&id);
-                if let Some(size) = self.sizes.remove(&id) {
-                    self.bytes -= size;
+                if let Some(entry) = self.entries.remove(&id) {
+                    self.bytes -= entry.size;
+                    if let Some(backlog) = self.by_origin.get_mut(&entry.origin) {
+                        backlog.0 -= 1;
+                        backlog.1 -= entry.size;
+                        if backlog.0 == 0 {
+                            self.by_origin.remove(&entry.origin);
+                        }
+                    }
                 }
             }
             Settle::RetryAt(due) => {
-                *self.retries.entry(id).or_default() += 1;
-                self.delayed.insert((due, id));
+                if let Some(entry) = self.entries.get_mut(&id) {
+                    entry.retries += 1;
+                    self.delayed.insert((due, id));
+                }
             }
         }
     }
@@ -217,7 +272,14 @@ impl QueueIndex {
     /// Puts a taken message back, due now, without counting a retry (its
     /// delivery never ended: a settle that could not be stored).
     pub fn put_back(&mut self, id: MessageId) {
-        self.ready.push_front(id);
+        if let Some(origin) = self.entries.get(&id).map(|e| e.origin.clone()) {
+            self.make_due(id, origin, true);
+        }
+    }
+
+    /// (messages, bytes) queued, handed-out ones included.
+    fn depth(&self) -> (usize, usize) {
+        (self.entries.len(), self.bytes)
     }
 }
 
@@ -252,8 +314,9 @@ impl MessageQueue for MemoryQueue {
             for (message, size) in messages.into_iter().zip(sizes) {
                 let id = stored.0;
                 stored.0 += 1;
+                let origin = message.origin.as_deref().map(Arc::from);
                 stored.1.insert(id, message);
-                index.add(id, size, 0);
+                index.add(id, size, 0, origin);
             }
             Ok::<(), QueueError>(())
         })?;
@@ -306,7 +369,7 @@ mod tests {
     use super::*;
 
     fn message(body: &str) -> QueuedMessage {
-        QueuedMessage { pubsub: "p".into(), topic: "t".into(), body: Bytes::from(body.to_owned()), content_type: None }
+        QueuedMessage { pubsub: "p".into(), topic: "t".into(), body: Bytes::from(body.to_owned()), content_type: None, origin: None }
     }
 
     #[tokio::test]
@@ -323,6 +386,24 @@ mod tests {
         let again = queue.take(10, 500).await.unwrap();
         assert_eq!((again.len(), again[0].retries), (1, 1));
         assert_eq!(queue.index().depth(), (1, 1));
+    }
+
+    #[test]
+    fn origins_are_served_in_turn() {
+        let mut index = QueueIndex::default();
+        let flood: Origin = Some("flood".into());
+        for id in 0..5 {
+            index.add(id, 1, 0, flood.clone());
+        }
+        index.add(10, 1, 0, None);
+        index.add(11, 1, 0, Some("quiet".into()));
+        let taken: Vec<_> = index.take(4, 0).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(taken, vec![0, 10, 11, 1], "one of each origin before the flood's second");
+        assert_eq!(index.backlog(&flood), (5, 5));
+        index.settle(0, Settle::Done);
+        assert_eq!(index.backlog(&flood), (4, 4));
+        index.put_back(1);
+        assert_eq!(index.take(1, 0), vec![(1, 0)], "a message put back is next in its line");
     }
 
     #[tokio::test]

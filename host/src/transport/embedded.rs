@@ -31,7 +31,7 @@ use crate::store::{MessageQueue, OutboundMessage, QueueError, QueuedMessage, Set
 /// [`MAX_REDELIVERY_WAIT`]. Redelivery never gives up: only the pipeline
 /// decides that an event is dead.
 const FIRST_REDELIVERY_WAIT: Duration = Duration::from_millis(250);
-const MAX_REDELIVERY_WAIT: Duration = Duration::from_secs(30);
+const MAX_REDELIVERY_WAIT: Duration = Duration::from_secs(10);
 /// How long the dispatcher waits before trying a queue that failed.
 const QUEUE_FAILURE_WAIT: Duration = Duration::from_millis(500);
 
@@ -95,7 +95,7 @@ impl EmbeddedBroker {
             let envelope = self.wrap_like_dapr(pubsub, topic, &body, content_type.unwrap_or("application/json"));
             (Bytes::from(Value::Object(envelope).to_string()), Some(CLOUDEVENTS_JSON.to_owned()))
         };
-        let message = QueuedMessage { pubsub: pubsub.to_owned(), topic: topic.to_owned(), body, content_type };
+        let message = QueuedMessage { pubsub: pubsub.to_owned(), topic: topic.to_owned(), body, content_type, origin: None };
         self.queue.push(vec![message], true).await.map_err(|error| match error {
             QueueError::Full { .. } => PublishError::Full(error),
             QueueError::Store(_) => PublishError::Unavailable(error),
@@ -121,6 +121,7 @@ impl Publisher for EmbeddedBroker {
             topic: message.topic.clone(),
             body: Bytes::from(Value::Object(message.event.clone()).to_string()),
             content_type: Some(CLOUDEVENTS_JSON.to_owned()),
+            origin: message.origin.clone(),
         };
         Ok(self.queue.push(vec![queued], false).await?)
     }

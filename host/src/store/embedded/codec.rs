@@ -20,18 +20,20 @@ pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead
 /// the queue when such a store is opened.
 pub const LEGACY_OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
-/// A message as a row: `pubsub`, `topic` and the content type each as a
-/// 2-byte length and the bytes (a content type of length 0xFFFF is
-/// absent), then the body.
+/// A message as a row: `pubsub`, `topic`, the content type and the origin
+/// tenant each as a 2-byte length and the bytes (a length of 0xFFFF is an
+/// absent field), then the body.
 pub fn encode_message(message: &QueuedMessage) -> Vec<u8> {
-    let ct = message.content_type.as_deref();
-    let mut row = Vec::with_capacity(6 + message.pubsub.len() + message.topic.len() + ct.map_or(0, str::len) + message.body.len());
-    for field in [Some(message.pubsub.as_str()), Some(message.topic.as_str()), ct] {
+    let fields = [Some(message.pubsub.as_str()), Some(message.topic.as_str()), message.content_type.as_deref(), message.origin.as_deref()];
+    let mut row = Vec::with_capacity(8 + fields.iter().flatten().map(|f| f.len()).sum::<usize>() + message.body.len());
+    for field in fields {
         match field {
             Some(text) => {
-                let len = u16::try_from(text.len()).expect("names and content types are short (checked on the way in)");
-                row.extend_from_slice(&len.min(0xFFFE).to_be_bytes());
-                row.extend_from_slice(&text.as_bytes()[..len.min(0xFFFE) as usize]);
+                // Names, content types and tenants are short (checked on the
+                // way in); a longer one is cut rather than corrupt the row.
+                let len = text.len().min(0xFFFE);
+                row.extend_from_slice(&(len as u16).to_be_bytes());
+                row.extend_from_slice(&text.as_bytes()[..len]);
             }
             None => row.extend_from_slice(&0xFFFFu16.to_be_bytes()),
         }
@@ -40,28 +42,40 @@ pub fn encode_message(message: &QueuedMessage) -> Vec<u8> {
     row
 }
 
-/// Reads a row written by [`encode_message`].
-pub fn decode_message(row: &[u8]) -> Result<QueuedMessage, String> {
-    let mut rest = row;
-    let mut fields: [Option<String>; 3] = Default::default();
+/// A row's fields and the offset of its body.
+fn decode_fields(row: &[u8]) -> Result<([Option<String>; 4], usize), String> {
+    let mut at = 0;
+    let mut fields: [Option<String>; 4] = Default::default();
     for field in &mut fields {
-        let (len, tail) = rest.split_at_checked(2).ok_or("row ends inside a length")?;
+        let len = row.get(at..at + 2).ok_or("row ends inside a length")?;
         let len = u16::from_be_bytes([len[0], len[1]]);
+        at += 2;
         if len == 0xFFFF {
-            rest = tail;
             continue;
         }
-        let (text, tail) = tail.split_at_checked(len as usize).ok_or("row ends inside a field")?;
+        let text = row.get(at..at + len as usize).ok_or("row ends inside a field")?;
         *field = Some(String::from_utf8(text.to_vec()).map_err(|e| e.to_string())?);
-        rest = tail;
+        at += len as usize;
     }
-    let [pubsub, topic, content_type] = fields;
+    Ok((fields, at))
+}
+
+/// Reads a row written by [`encode_message`].
+pub fn decode_message(row: &[u8]) -> Result<QueuedMessage, String> {
+    let ([pubsub, topic, content_type, origin], body_at) = decode_fields(row)?;
     Ok(QueuedMessage {
         pubsub: pubsub.ok_or("no pubsub")?,
         topic: topic.ok_or("no topic")?,
         content_type,
-        body: Bytes::copy_from_slice(rest),
+        origin,
+        body: Bytes::copy_from_slice(&row[body_at..]),
     })
+}
+
+/// A row's origin tenant and body size, without copying the body.
+pub fn decode_origin_and_size(row: &[u8]) -> Result<(Option<String>, usize), String> {
+    let ([_, _, _, origin], body_at) = decode_fields(row)?;
+    Ok((origin, row.len() - body_at))
 }
 
 #[cfg(test)]
@@ -70,9 +84,11 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        for content_type in [None, Some("application/cloudevents+json".to_owned()), Some(String::new())] {
-            let message = QueuedMessage { pubsub: "p".into(), topic: "orders".into(), body: Bytes::from_static(b"\x00{\"x\":1}"), content_type };
-            assert_eq!(decode_message(&encode_message(&message)).unwrap(), message);
+        for (content_type, origin) in [(None, None), (Some("application/cloudevents+json".to_owned()), Some("acme".to_owned())), (Some(String::new()), None)] {
+            let message = QueuedMessage { pubsub: "p".into(), topic: "orders".into(), body: Bytes::from_static(b"\x00{\"x\":1}"), content_type, origin };
+            let row = encode_message(&message);
+            assert_eq!(decode_message(&row).unwrap(), message);
+            assert_eq!(decode_origin_and_size(&row).unwrap(), (message.origin.clone(), 8));
         }
         assert!(decode_message(b"\x00").is_err());
     }

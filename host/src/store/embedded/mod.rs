@@ -31,13 +31,13 @@ use serde_json::Value;
 use super::claim::{Claim, ClaimToken, Record};
 use super::{
     Commit, DedupeKey, DeliveryStore, MessageId, MessageQueue, OutboundMessage, OutboxId, QueueError, QueueLimits, QueuedMessage, Settle,
-    SharedIndex, StoreError, Taken,
+    SharedIndex, StateUsage, StoreError, Taken,
 };
 use crate::clock::{self, SharedClock};
 use crate::cloudevent::CLOUDEVENTS_JSON;
-use codec::{DEAD_LETTERS, LEGACY_OUTBOX, QUEUE, STATE, decode_message};
+use codec::{DEAD_LETTERS, LEGACY_OUTBOX, QUEUE, STATE, decode_message, decode_origin_and_size};
 use handle::DbHandle;
-use writer::{Applied, FinishOp, Op, Writer};
+use writer::{Applied, FinishOp, Op, SharedUsage, Writer};
 
 /// How the embedded store is opened.
 #[derive(Clone)]
@@ -63,6 +63,7 @@ pub struct EmbeddedStore {
     handle: Arc<DbHandle>,
     writer: Writer,
     index: SharedIndex,
+    usage: SharedUsage,
     limits: QueueLimits,
     clock: SharedClock,
 }
@@ -84,8 +85,9 @@ impl EmbeddedStore {
         if queued > 0 {
             tracing::info!(path = %path.display(), messages = queued, "messages queued by an earlier run will be delivered");
         }
-        let writer = Writer::start(handle.clone(), index.clone(), next_id).context("starting the embedded store's writer thread")?;
-        Ok(Self { handle, writer, index, limits: options.queue_limits, clock: options.clock })
+        let usage = SharedUsage::new(load_usage(&handle).with_context(|| format!("counting tenant state in {}", path.display()))?.into());
+        let writer = Writer::start(handle.clone(), index.clone(), usage.clone(), next_id).context("starting the embedded store's writer thread")?;
+        Ok(Self { handle, writer, index, usage, limits: options.queue_limits, clock: options.clock })
     }
 
     /// Why the store cannot be used now (reopening after an I/O error), if
@@ -114,12 +116,27 @@ fn load_queue(handle: &DbHandle, index: &SharedIndex) -> anyhow::Result<MessageI
     index.with(|index| -> anyhow::Result<()> {
         for row in queue.iter()? {
             let (id, bytes) = row?;
-            index.add(id.value(), bytes.value().len(), 0);
+            let (origin, size) = decode_origin_and_size(bytes.value()).map_err(anyhow::Error::msg)?;
+            index.add(id.value(), size, 0, origin.as_deref().map(Arc::from));
             next_id = id.value() + 1;
         }
         Ok(())
     })?;
     Ok(next_id)
+}
+
+/// What each state namespace holds (one pass over the state at start).
+fn load_usage(handle: &DbHandle) -> anyhow::Result<std::collections::HashMap<String, StateUsage>> {
+    let db = handle.get()?;
+    let txn = db.begin_read()?;
+    let state = txn.open_table(STATE)?;
+    let mut usage: std::collections::HashMap<String, StateUsage> = std::collections::HashMap::new();
+    for row in state.iter()? {
+        let (key, value) = row?;
+        let (namespace, key) = key.value();
+        usage.entry(namespace.to_owned()).or_default().apply(key.len(), None, Some(value.value().len()));
+    }
+    Ok(usage)
 }
 
 /// Stores written before the queue existed kept committed publishes in an
@@ -155,6 +172,7 @@ fn queued(message: &OutboundMessage) -> QueuedMessage {
         topic: message.topic.clone(),
         body: Bytes::from(Value::Object(message.event.clone()).to_string()),
         content_type: Some(CLOUDEVENTS_JSON.to_owned()),
+        origin: message.origin.clone(),
     }
 }
 
@@ -228,6 +246,10 @@ impl DeliveryStore for EmbeddedStore {
 
     fn trouble(&self) -> Option<String> {
         self.handle.trouble()
+    }
+
+    fn state_usage(&self, namespace: &str) -> Option<StateUsage> {
+        Some(self.usage.lock().unwrap_or_else(|p| p.into_inner()).get(namespace).copied().unwrap_or_default())
     }
 }
 

@@ -20,11 +20,11 @@ use std::time::Duration;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table};
 use tokio::sync::oneshot;
 
-use super::codec::{CLAIMS, DEAD_LETTERS, QUEUE, STATE, encode_message};
+use super::codec::{CLAIMS, DEAD_LETTERS, QUEUE, STATE, decode_origin_and_size, encode_message};
 use super::handle::{Availability, DbHandle};
 use crate::pipeline::StateWrite;
 use crate::store::claim::{self, Claim, ClaimToken, Record};
-use crate::store::{MessageId, QueuedMessage, Settle, SharedIndex, StoreError};
+use crate::store::{MessageId, QueuedMessage, Settle, SharedIndex, StateUsage, StoreError};
 
 /// Operations applied in one transaction at most; more wait for the next.
 const MAX_BATCH: usize = 512;
@@ -89,11 +89,11 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer thread for `handle`; committed queue changes are
     /// told to `index`. `next_id` is the first free message id.
-    pub fn start(handle: Arc<DbHandle>, index: SharedIndex, next_id: MessageId) -> std::io::Result<Self> {
+    pub fn start(handle: Arc<DbHandle>, index: SharedIndex, usage: SharedUsage, next_id: MessageId) -> std::io::Result<Self> {
         let (requests, incoming) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("wasmsub-store-writer".into())
-            .spawn(move || WriterThread { handle, index, next_id }.run(incoming))?;
+            .spawn(move || WriterThread { handle, index, usage, next_id }.run(incoming))?;
         Ok(Self { requests: Some(requests), thread: Some(thread) })
     }
 
@@ -139,14 +139,20 @@ macro_rules! record_or_fail {
 struct WriterThread {
     handle: Arc<DbHandle>,
     index: SharedIndex,
+    usage: SharedUsage,
     next_id: MessageId,
 }
+
+/// State held per namespace, kept current by the writer.
+pub type SharedUsage = Arc<std::sync::Mutex<std::collections::HashMap<String, StateUsage>>>;
 
 /// Index changes a batch makes, applied once it is committed.
 #[derive(Default)]
 struct QueueChanges {
-    added: Vec<(MessageId, usize)>,
+    added: Vec<(MessageId, usize, Option<String>)>,
     acked: Vec<MessageId>,
+    /// State writes: (namespace, key length, old size, new size).
+    state: Vec<(String, usize, Option<usize>, Option<usize>)>,
 }
 
 impl WriterThread {
@@ -188,8 +194,8 @@ impl WriterThread {
                     self.handle.succeeded();
                 }
                 self.index.with(|index| {
-                    for (id, size) in &changes.added {
-                        index.add(*id, *size, 0);
+                    for (id, size, origin) in &changes.added {
+                        index.add(*id, *size, 0, origin.as_deref().map(Arc::from));
                     }
                     for id in &changes.acked {
                         index.settle(*id, Settle::Done);
@@ -197,6 +203,12 @@ impl WriterThread {
                 });
                 if !changes.added.is_empty() {
                     self.index.notify();
+                }
+                if !changes.state.is_empty() {
+                    let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+                    for (namespace, key_len, old, new) in changes.state {
+                        usage.entry(namespace).or_default().apply(key_len, old, new);
+                    }
                 }
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
@@ -257,10 +269,12 @@ impl WriterThread {
                 }
                 tables.claims.insert(finish.claim.key.as_str(), claim::encode(&finish.done).as_slice())?;
                 for (key, value) in &finish.writes {
-                    match value {
+                    let old = match value {
                         Some(value) => tables.state.insert((finish.tenant.as_str(), key.as_str()), value.as_slice())?,
                         None => tables.state.remove((finish.tenant.as_str(), key.as_str()))?,
                     };
+                    let old = old.map(|v| v.value().len());
+                    changes.state.push((finish.tenant.clone(), key.len(), old, value.as_ref().map(Vec::len)));
                 }
                 self.enqueue(&mut tables.queue, &finish.messages, changes)?;
                 if let Some(record) = &finish.dead_letter {
@@ -301,7 +315,7 @@ impl WriterThread {
             let id = self.next_id;
             self.next_id += 1;
             queue.insert(id, encode_message(message).as_slice())?;
-            changes.added.push((id, message.body.len()));
+            changes.added.push((id, message.body.len(), message.origin.clone()));
         }
         Ok(())
     }
@@ -311,13 +325,16 @@ impl WriterThread {
     /// to the index to be delivered (again; their events dedupe).
     fn reindex(&mut self) {
         let Ok(db) = self.handle.get() else { return };
-        let rows = (|| -> Result<Vec<(MessageId, usize)>, redb::Error> {
+        let rows = (|| -> Result<Vec<(MessageId, usize, Option<String>)>, redb::Error> {
             let txn = db.begin_read()?;
             let queue = txn.open_table(QUEUE)?;
             let mut rows = Vec::new();
             for row in queue.iter()? {
                 let (id, bytes) = row?;
-                rows.push((id.value(), bytes.value().len()));
+                // A row that does not decode is left out (and said so when taken).
+                if let Ok((origin, size)) = decode_origin_and_size(bytes.value()) {
+                    rows.push((id.value(), size, origin));
+                }
             }
             Ok(rows)
         })();
@@ -325,10 +342,10 @@ impl WriterThread {
             Ok(rows) => {
                 let found = self.index.with(|index| {
                     let mut found = 0;
-                    for (id, size) in rows {
+                    for (id, size, origin) in rows {
                         self.next_id = self.next_id.max(id + 1);
                         if !index.knows(id) {
-                            index.add(id, size, 0);
+                            index.add(id, size, 0, origin.as_deref().map(Arc::from));
                             found += 1;
                         }
                     }
