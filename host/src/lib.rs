@@ -27,6 +27,8 @@ pub mod clock;
 pub mod cloudevent;
 pub mod control;
 mod delivery;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod host;
 pub mod manifest;
 mod outbox;

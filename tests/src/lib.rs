@@ -133,6 +133,16 @@ impl TestHost {
         }
     }
 
+    /// Waits until the embedded queue is empty: every accepted message
+    /// delivered and settled (reports may lag behind a busy run; this does not).
+    pub async fn wait_drained(&self) {
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT * 5;
+        while self.host.queue_depth() != Some((0, 0)) {
+            assert!(tokio::time::Instant::now() < deadline, "the queue never drained: {:?}", self.host.queue_depth());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn stop(self) -> tempfile::TempDir {
         self.host.shutdown().await;
         self.data_dir

@@ -15,15 +15,18 @@ use wasmsub_tests::{cloud_event, guests};
 const HOST: &str = env!("CARGO_BIN_EXE_wasmsub-under-test");
 
 /// Tenant `acme`: `orders` records each event and forwards a follow-up to
-/// `followups`, whose handler records that too.
+/// `followups`, whose handler records that too. `totals` (tenant `tally`)
+/// takes every order as well and adds one to a shared counter.
 fn manifest(dir: &std::path::Path, limits: &str) -> PathBuf {
-    let r = guests::RECORDER;
+    let (r, c) = (guests::RECORDER, guests::COUNTER);
     let text = format!(
         "[idempotency]\nlease_margin = \"5s\"\n[[tenant]]\nname = \"acme\"\nlimits = {{ publish_topics = [\"followups\"], max_state_keys = 1000000, max_queued_publishes = 100000, max_publish_rate = 100000{limits} }}\n\
          [[tenant.handler]]\nname = \"orders\"\ncomponent = {r:?}\ntopic = \"orders\"\n\
          retry = {{ max_attempts = 3, multiplier = 0.05, min = \"50ms\", max = \"200ms\" }}\n\
          [[tenant.handler]]\nname = \"followups\"\ncomponent = {r:?}\ntopic = \"followups\"\n\
-         retry = {{ max_attempts = 3, multiplier = 0.05, min = \"50ms\", max = \"200ms\" }}\n"
+         retry = {{ max_attempts = 3, multiplier = 0.05, min = \"50ms\", max = \"200ms\" }}\n\
+         [[tenant]]\nname = \"tally\"\n\
+         [[tenant.handler]]\nname = \"totals\"\ncomponent = {c:?}\ntopic = \"orders\"\n"
     );
     let path = dir.join("wasmsub.toml");
     std::fs::write(&path, text).unwrap();
@@ -105,7 +108,9 @@ async fn a_host_killed_every_few_hundred_ms_loses_and_doubles_nothing() {
     let (effects, follow_ups) = effect_keys(0..EVENTS);
     assert_each_once(&effects, &host.counts(&effects).await);
     assert_each_once(&follow_ups, &host.counts(&follow_ups).await);
-    eprintln!("{EVENTS} events, {kills} kills: every effect and follow-up exactly once");
+    // The shared counter saw every event once, however the kills fell.
+    assert_eq!(host.state("tally", "total").await.as_deref(), Some(EVENTS.to_string().as_str()));
+    eprintln!("{EVENTS} events, {kills} kills: every effect, follow-up and counter increment exactly once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,3 +92,16 @@ async fn the_todo_handler_stores_the_task_and_publishes_an_audit_event() {
     assert_eq!(audit.event_id, wasmsub::pipeline::outgoing_id(&key.encoded(), 0));
     assert_eq!(host.state(&format!("count:{}", audit.event_id)).await.as_deref(), Some("1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_read_modify_writes_lose_no_update() {
+    let manifest = manifest_text("max_concurrency = 16", &[HandlerSpec::new("counter", guests::COUNTER, "orders")]);
+    let host = TestHost::start(&manifest).await.unwrap();
+    const EVENTS: usize = 2000;
+    for i in 0..EVENTS {
+        host.publish("orders", &cloud_event(&format!("c-{i}"), json!({}))).await.unwrap();
+    }
+    // Every message settled: all 2,000 events are done.
+    host.wait_drained().await;
+    assert_eq!(host.state("total").await.as_deref(), Some("2000"));
+}

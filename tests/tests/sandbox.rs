@@ -141,7 +141,7 @@ async fn no_key_a_guest_passes_reaches_another_tenants_state() {
     let Claim::Acquired(token) = store.claim(&key, Duration::from_secs(10)).await.unwrap() else { panic!() };
     let writes = vec![("secret".to_string(), Some(b"victim-data".to_vec()))];
     store
-        .finish(Commit { claim: &token, completion: Completion::Processed, tenant: "victim", state_writes: &writes, outbox: &[], dead_letter: None, ttl: Duration::from_secs(60) })
+        .finish(Commit { claim: &token, completion: Completion::Processed, tenant: "victim", state_writes: &writes, outbox: &[], dead_letter: None, reads: &[], ttl: Duration::from_secs(60) })
         .await
         .unwrap();
 

@@ -11,7 +11,7 @@ use serde_json::json;
 use wasmsub::clock::ManualClock;
 use wasmsub::store::{
     Claim, ClaimToken, Commit, Completion, DedupeKey, DeliveryStore, DoneKind, EmbeddedOptions, EmbeddedStore, MemoryStore, MessageQueue,
-    OutboundMessage, OutboxId, StoreError,
+    OutboundMessage, OutboxId, StateRead, StoreError,
 };
 use wasmsub::{Host, HostOptions, Manifest, Outcome};
 use wasmsub_tests::{HandlerSpec, cloud_event, guests, manifest_text};
@@ -32,7 +32,7 @@ fn message(topic: &str) -> OutboundMessage {
 }
 
 fn commit<'a>(claim: &'a ClaimToken, tenant: &'a str, writes: &'a [(String, Option<Vec<u8>>)], outbox: &'a [OutboundMessage]) -> Commit<'a> {
-    Commit { claim, completion: Completion::Processed, tenant, state_writes: writes, outbox, dead_letter: None, ttl: Duration::from_secs(60) }
+    Commit { claim, completion: Completion::Processed, tenant, state_writes: writes, outbox, dead_letter: None, reads: &[], ttl: Duration::from_secs(60) }
 }
 
 /// The store's contract; `clock` is the store's own, advanced instead of
@@ -76,6 +76,23 @@ async fn check_contract(store: &dyn DeliveryStore, clock: &ManualClock) {
         assert!(store.pending_outbox(10).await.unwrap().is_empty());
     }
     store.release(&token).await.unwrap();
+    // A commit whose reads changed meanwhile writes nothing.
+    let reader = acquired(store.claim(&key("e5"), lease).await.unwrap());
+    let seen = store.read_state("acme", "k").await.unwrap();
+    assert_eq!(seen.value.as_deref(), Some(&b"v"[..]));
+    let writer = acquired(store.claim(&key("e6"), lease).await.unwrap());
+    let newer = vec![("k".to_string(), Some(b"w".to_vec()))];
+    store.finish(commit(&writer, "acme", &newer, &[])).await.unwrap();
+    let stale = vec![("k".to_string(), Some(b"stale".to_vec())), ("other".to_string(), Some(b"x".to_vec()))];
+    let reads = vec![("k".to_string(), seen.version.clone())];
+    let refused = store.finish(Commit { reads: &reads, ..commit(&reader, "acme", &stale, &[]) }).await.unwrap_err();
+    assert!(matches!(refused, StoreError::Conflict(ref k) if k == "k"), "{refused}");
+    assert_eq!(store.get_state("acme", "k").await.unwrap(), Some(b"w".to_vec()));
+    assert_eq!(store.get_state("acme", "other").await.unwrap(), None, "nothing of a refused commit is written");
+    // Run again on fresh reads, the commit holds; an absent key read as absent validates too.
+    let fresh = vec![("k".to_string(), store.read_state("acme", "k").await.unwrap().version), ("never".to_string(), None)];
+    store.finish(Commit { reads: &fresh, ..commit(&reader, "acme", &stale, &[]) }).await.unwrap();
+    assert_eq!(store.get_state("acme", "k").await.unwrap(), Some(b"stale".to_vec()));
     // Done markers expire with their TTL.
     let token = acquired(store.claim(&key("e4"), lease).await.unwrap());
     store.finish(Commit { ttl: Duration::from_millis(20), ..commit(&token, "acme", &[], &[]) }).await.unwrap();
@@ -98,7 +115,7 @@ async fn the_embedded_store_keeps_the_contract_and_survives_reopening() {
         assert_eq!(queued, vec!["a", "b"]);
     }
     let reopened = EmbeddedStore::open(&path).unwrap();
-    assert_eq!(reopened.get_state("acme", "k").await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(reopened.get_state("acme", "k").await.unwrap(), Some(b"stale".to_vec()));
     assert_eq!(reopened.claim(&key("e1"), Duration::from_secs(1)).await.unwrap(), Claim::AlreadyDone(DoneKind::Processed));
     // Queued messages that were never settled survive the restart.
     let again: Vec<String> = reopened.take(10, 0).await.unwrap().into_iter().map(|t| t.message.topic).collect();
@@ -141,8 +158,8 @@ impl DeliveryStore for FullDisk {
         }
         self.inner.finish(commit).await
     }
-    async fn get_state(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get_state(tenant, key).await
+    async fn read_state(&self, tenant: &str, key: &str) -> Result<StateRead, StoreError> {
+        self.inner.read_state(tenant, key).await
     }
     async fn pending_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, OutboundMessage)>, StoreError> {
         self.inner.pending_outbox(limit).await

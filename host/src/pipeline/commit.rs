@@ -8,16 +8,21 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::dead_letter::DeadLetter;
-use super::effects::Effects;
+use super::effects::{EffectParts, Effects};
 use super::outcome::Outcome;
 use super::{InFlight, Pipeline};
 use crate::clock;
 use crate::cloudevent::CloudEvent;
 use crate::store::{ClaimToken, Commit, Completion, OutboundMessage, OutboxId, StoreError};
 
+/// A commit refused because a key the attempt read changed meanwhile.
+pub(super) struct Conflict(pub String);
+
 impl Pipeline {
     /// Commits a successful attempt. `slot` is the tenant's concurrency slot,
-    /// released once the commit is done.
+    /// released once the commit is done. A conflict (a key the attempt read
+    /// has changed) commits nothing and keeps the claim: the caller runs the
+    /// event again.
     pub(super) async fn commit_success(
         &self,
         flight: &InFlight<'_>,
@@ -25,9 +30,9 @@ impl Pipeline {
         effects: Effects,
         attempts: u32,
         slot: Option<OwnedSemaphorePermit>,
-    ) -> Outcome {
+    ) -> Result<Outcome, Conflict> {
         let handler = flight.handler;
-        let (writes, publishes) = effects.into_parts();
+        let EffectParts { writes, publishes, reads } = effects.into_parts();
         let source = format!("wasmsub/{}/{}", handler.tenant.name, handler.name);
         let outbox: Vec<_> = publishes
             .into_iter()
@@ -44,7 +49,7 @@ impl Pipeline {
             // publishes have room.
             drop(slot);
             self.release(token).await;
-            return Outcome::Throttled { reason };
+            return Ok(Outcome::Throttled { reason });
         }
         let commit = Commit {
             claim: token,
@@ -53,17 +58,19 @@ impl Pipeline {
             state_writes: &writes,
             outbox: &outbox,
             dead_letter: None,
+            reads: &reads,
             ttl: self.idempotency.ttl,
         };
         let committed = self.store.finish(commit).await;
         drop(slot);
-        match committed {
+        Ok(match committed {
             Ok(ids) => match self.publish_committed(&ids, &outbox).await {
                 Ok(()) => Outcome::Processed { attempts },
                 Err(reason) => Outcome::Deferred { reason },
             },
+            Err(StoreError::Conflict(key)) => return Err(Conflict(key)),
             Err(error) => self.commit_failed(token, error).await,
-        }
+        })
     }
 
     /// Claims, then dead-letters, an event that cannot reach its handler.
@@ -97,6 +104,7 @@ impl Pipeline {
             state_writes: &[],
             outbox: std::slice::from_ref(&message),
             dead_letter: Some(&record),
+            reads: &[],
             ttl: self.idempotency.ttl,
         };
         match self.store.finish(commit).await {
@@ -134,6 +142,9 @@ impl Pipeline {
     async fn commit_failed(&self, token: &ClaimToken, error: StoreError) -> Outcome {
         match error {
             StoreError::ClaimLost(_) => Outcome::InFlightElsewhere,
+            // Dead letters read nothing; a success's conflict is handled by
+            // its caller before it gets here.
+            StoreError::Conflict(key) => self.defer(token, format!("state key `{key}` changed under the commit")).await,
             StoreError::Unavailable(_) => self.defer(token, format!("cannot commit: {error}")).await,
         }
     }

@@ -44,6 +44,19 @@ pub struct Effects {
     state: BTreeMap<String, Option<Vec<u8>>>,
     publishes: Vec<PendingPublish>,
     buffered_bytes: usize,
+    /// Keys read from the store, with the version seen at the first read:
+    /// the commit fails if any has changed since (read validation).
+    reads: BTreeMap<String, Option<String>>,
+}
+
+/// An attempt's effects, taken apart for the commit.
+pub struct EffectParts {
+    /// State writes, in key order.
+    pub writes: Vec<StateWrite>,
+    /// Publishes, in order.
+    pub publishes: Vec<PendingPublish>,
+    /// Keys read from the store and the versions seen.
+    pub reads: Vec<crate::store::ReadVersion>,
 }
 
 impl Effects {
@@ -105,8 +118,15 @@ impl Effects {
     }
 
     /// The buffered writes and publishes, for the commit.
-    pub fn into_parts(self) -> (Vec<StateWrite>, Vec<PendingPublish>) {
-        (self.state.into_iter().collect(), self.publishes)
+    pub fn into_parts(self) -> EffectParts {
+        EffectParts { writes: self.state.into_iter().collect(), publishes: self.publishes, reads: self.reads.into_iter().collect() }
+    }
+
+    /// Records that the attempt read `key` from the store at `version`
+    /// (the first read counts: later ones see the same snapshot or a newer
+    /// one, and the first is what the guest acted on).
+    pub fn record_read(&mut self, key: &str, version: Option<String>) {
+        self.reads.entry(key.to_owned()).or_insert(version);
     }
 }
 
@@ -139,9 +159,9 @@ mod tests {
         assert_eq!(effects.buffered_read("k"), Some(Some(&b"v2"[..])));
         effects.delete("k".into()).unwrap();
         assert_eq!(effects.buffered_read("k"), Some(None));
-        let (writes, publishes) = effects.into_parts();
-        assert_eq!(writes, vec![("k".to_string(), None)]);
-        assert!(publishes.is_empty());
+        let parts = effects.into_parts();
+        assert_eq!(parts.writes, vec![("k".to_string(), None)]);
+        assert!(parts.publishes.is_empty() && parts.reads.is_empty());
     }
 
     #[test]

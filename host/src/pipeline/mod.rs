@@ -35,6 +35,7 @@ use crate::runtime::{AttemptResult, HandlerComponent, Runtime};
 use crate::store::{Claim, ClaimToken, DedupeKey, DeliveryStore};
 use crate::text::printable;
 use dead_letter::DeadLetterLog;
+use commit::Conflict;
 use dispatch::Attempt;
 
 pub use commit::outgoing_id;
@@ -44,6 +45,11 @@ pub use effects::{PendingPublish, StateWrite};
 pub use outcome::{DaprStatus, DuplicateOf, Outcome};
 pub use receive::{Payload, Rejection};
 pub use retry::{Backoff, RetryPolicy};
+
+/// Reruns of one attempt after read-validation conflicts before the event
+/// goes back to the broker: a hot key under heavy contention still makes
+/// progress, and a livelock cannot hold a claim for ever.
+const MAX_CONFLICT_RERUNS: u32 = 16;
 
 /// Reports buffered for slow subscribers (the demo, tests); older ones are
 /// skipped rather than slowing the pipeline.
@@ -209,13 +215,27 @@ impl Pipeline {
         let handler = flight.handler;
         let policy = &handler.config.retry;
         let mut attempt = 1;
+        let mut conflicts = 0;
         loop {
             let Attempt { result, component, slot } = self.attempt(flight, event, attempt).await;
             flight.component = component;
             let reason = match result {
                 // The tenant's slot is held through the commit: a tenant with
                 // `max_concurrency = 1` runs one event at a time, commit included.
-                AttemptResult::Succeeded(effects) => return self.commit_success(flight, &token, effects, attempt, slot).await,
+                AttemptResult::Succeeded(effects) => match self.commit_success(flight, &token, effects, attempt, slot).await {
+                    Ok(outcome) => return outcome,
+                    // Another commit changed what this attempt read: its view
+                    // was stale. Run it again on fresh reads; that is not the
+                    // guest's failure, so it does not use up an attempt.
+                    Err(Conflict(key)) if conflicts < MAX_CONFLICT_RERUNS => {
+                        conflicts += 1;
+                        tracing::debug!(state.key = %printable(&key), conflicts, "state read changed before the commit; running the attempt again");
+                        continue;
+                    }
+                    Err(Conflict(key)) => {
+                        return self.defer(&token, format!("state key `{}` kept changing under {conflicts} attempts; asking for redelivery", printable(&key))).await;
+                    }
+                },
                 AttemptResult::GuestDrop(reason) => {
                     return self.dead_letter(flight, &token, &event.original, format!("dropped by handler: {reason}"), attempt).await;
                 }

@@ -187,8 +187,11 @@ impl state::Host for AttemptState {
             return Ok(buffered.map(<[u8]>::to_vec));
         }
         let ctx = &self.ctx;
-        match ctx.store.get_state(&ctx.namespace, &key).await {
-            Ok(value) => Ok(value),
+        match ctx.store.read_state(&ctx.namespace, &key).await {
+            Ok(read) => {
+                self.effects.record_read(&key, read.version);
+                Ok(read.value)
+            }
             Err(error) => {
                 let reason = format!("state store unavailable: {error}");
                 self.infrastructure_error = Some(reason.clone());

@@ -102,7 +102,7 @@ fn verdict(state: &mut AttemptState, answer: wasmtime::Result<Disposition>, cpu_
 
 /// Escapes `reason` (the guest wrote it; it goes to logs, dead letters and
 /// terminals) and cuts it to [`MAX_REASON_BYTES`] on a character boundary.
-fn cut(reason: String) -> String {
+pub(crate) fn cut(reason: String) -> String {
     let mut reason = match printable(&reason) {
         std::borrow::Cow::Borrowed(_) => reason,
         std::borrow::Cow::Owned(escaped) => escaped,

@@ -13,7 +13,7 @@ mod cache;
 mod component;
 mod engine;
 mod host_state;
-mod invoke;
+pub(crate) mod invoke;
 mod limits;
 
 use std::path::Path;

@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use super::claim::{self, Claim, ClaimToken, Record};
 use super::keys::{self, DedupeKey};
-use super::{Commit, DeliveryStore, OutboundMessage, OutboxId, StoreError};
+use super::{Commit, DeliveryStore, OutboundMessage, OutboxId, StateRead, StoreError};
 use crate::clock::{self, SharedClock};
 use crate::sidecar::{Operation, Sidecar, SidecarError, StateItem};
 
@@ -247,10 +247,10 @@ impl DeliveryStore for DaprStore {
         Ok(self.remember_outbox(&record_key, commit.outbox))
     }
 
-    async fn get_state(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn read_state(&self, tenant: &str, key: &str) -> Result<StateRead, StoreError> {
         match self.sidecar.get_state(&self.store_name, &keys::dapr_state_key(tenant, key)).await.map_err(unavailable)? {
-            Some((bytes, _)) => decode_value(&bytes).map(Some),
-            None => Ok(None),
+            Some((bytes, etag)) => Ok(StateRead { value: Some(decode_value(&bytes)?), version: etag }),
+            None => Ok(StateRead::default()),
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::claim::{self, Claim, ClaimToken, Record};
-use super::{Commit, DedupeKey, DeliveryStore, OutboundMessage, OutboxId, StateUsage, StoreError};
+use super::{Commit, DedupeKey, DeliveryStore, OutboundMessage, OutboxId, StateRead, StateUsage, StoreError};
 use crate::clock::{self, SharedClock};
 
 /// Claims, state and outbox in memory, behind one lock.
@@ -27,7 +27,9 @@ impl Default for MemoryStore {
 #[derive(Default)]
 struct Inner {
     claims: HashMap<String, Record>,
-    state: HashMap<(String, String), Vec<u8>>,
+    /// Values with the version (commit number) that wrote them.
+    state: HashMap<(String, String), (Vec<u8>, u64)>,
+    next_version: u64,
     outbox: BTreeMap<OutboxId, OutboundMessage>,
     next_outbox_id: OutboxId,
     dead_letters: VecDeque<Vec<u8>>,
@@ -73,17 +75,25 @@ impl DeliveryStore for MemoryStore {
     async fn finish(&self, commit: Commit<'_>) -> Result<Vec<OutboxId>, StoreError> {
         let mut inner = self.lock();
         claim::check_owner(inner.claims.get(&commit.claim.key), commit.claim)?;
+        for (key, seen) in commit.reads {
+            let now = inner.state.get(&(commit.tenant.to_owned(), key.clone())).map(|(_, version)| version.to_string());
+            if now != *seen {
+                return Err(StoreError::Conflict(key.clone()));
+            }
+        }
+        inner.next_version += 1;
+        let version = inner.next_version;
         let expires_ms = clock::after_ms(self.clock.now_ms(), commit.ttl);
         inner.claims.insert(commit.claim.key.clone(), Record::Done { kind: commit.completion.into(), expires_ms });
         for (key, value) in commit.state_writes {
             let key_len = key.len();
             let key = (commit.tenant.to_owned(), key.clone());
             let old = match value {
-                Some(value) => inner.state.insert(key, value.clone()),
+                Some(value) => inner.state.insert(key, (value.clone(), version)),
                 None => inner.state.remove(&key),
             };
             let usage = inner.usage.entry(commit.tenant.to_owned()).or_default();
-            usage.apply(key_len, old.map(|o| o.len()), value.as_ref().map(Vec::len));
+            usage.apply(key_len, old.map(|(o, _)| o.len()), value.as_ref().map(Vec::len));
         }
         if let Some(record) = commit.dead_letter {
             if inner.dead_letters.len() == DEAD_LETTERS_KEPT {
@@ -101,8 +111,10 @@ impl DeliveryStore for MemoryStore {
         Ok(ids)
     }
 
-    async fn get_state(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.lock().state.get(&(tenant.to_owned(), key.to_owned())).cloned())
+    async fn read_state(&self, tenant: &str, key: &str) -> Result<StateRead, StoreError> {
+        let inner = self.lock();
+        let found = inner.state.get(&(tenant.to_owned(), key.to_owned()));
+        Ok(StateRead { value: found.map(|(v, _)| v.clone()), version: found.map(|(_, version)| version.to_string()) })
     }
 
     async fn pending_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, OutboundMessage)>, StoreError> {

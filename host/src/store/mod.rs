@@ -12,7 +12,7 @@
 
 mod claim;
 mod dapr;
-mod embedded;
+pub(crate) mod embedded;
 pub mod keys;
 mod memory;
 mod queue;
@@ -46,6 +46,19 @@ pub struct OutboundMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
 }
+
+/// A state value as read, with the version it had.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StateRead {
+    /// The value; `None` when the key is absent.
+    pub value: Option<Vec<u8>>,
+    /// The version read (`None`: absent). Opaque: a counter in the embedded
+    /// store, an ETag in a Dapr state store.
+    pub version: Option<String>,
+}
+
+/// A key an attempt read, and the version it saw then (`None`: absent).
+pub type ReadVersion = (String, Option<String>);
 
 /// What a state namespace holds: keys, and bytes of keys and values.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -81,6 +94,11 @@ pub enum StoreError {
     /// run's result; the other run owns the event now.
     #[error("the claim on {0} was taken over by another run after its lease expired")]
     ClaimLost(String),
+    /// A state key the attempt read was changed by another commit before
+    /// this one: the attempt's view is stale, it must run again with fresh
+    /// reads. Nothing was written.
+    #[error("state key `{0}` changed after the attempt read it")]
+    Conflict(String),
     /// The store could not be read or written (disk full, sidecar down):
     /// an infrastructure error, answered with "retry later".
     #[error("store unavailable: {0:#}")]
@@ -122,6 +140,10 @@ pub struct Commit<'a> {
     /// A dead-lettered event's record (JSON), for stores that keep recent
     /// dead letters for listing.
     pub dead_letter: Option<&'a [u8]>,
+    /// Every state key the attempt read from the store, with the version it
+    /// saw: if any has changed since, the commit fails with
+    /// [`StoreError::Conflict`] and writes nothing.
+    pub reads: &'a [ReadVersion],
     /// How long the done marker is remembered.
     pub ttl: Duration,
 }
@@ -141,7 +163,14 @@ pub trait DeliveryStore: Send + Sync + 'static {
     async fn finish(&self, commit: Commit<'_>) -> Result<Vec<OutboxId>, StoreError>;
 
     /// A tenant's committed state value.
-    async fn get_state(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn get_state(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.read_state(tenant, key).await?.value)
+    }
+
+    /// A tenant's committed state value with its version, for read
+    /// validation: a commit that names this version fails if the key has
+    /// changed since.
+    async fn read_state(&self, tenant: &str, key: &str) -> Result<StateRead, StoreError>;
 
     /// Outbox entries not yet published, oldest first.
     async fn pending_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, OutboundMessage)>, StoreError>;

@@ -66,14 +66,12 @@ async fn deliver(State(app): State<AppRoutes>, method: Method, uri: Uri, headers
     let route = uri.path().to_owned();
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if is_bulk_route(&app.registry, &route)
-        && let Ok(bulk) = serde_json::from_slice::<BulkRequest<'_>>(&body)
+        && let Some(entries) = parse_bulk(&body)
     {
-        let (ids, deliveries): (Vec<_>, Vec<_>) = bulk
-            .entries
+        let (ids, deliveries): (Vec<_>, Vec<_>) = entries
             .into_iter()
-            .map(|entry| {
-                let payload = Payload::Bytes(entry_bytes(entry.event));
-                (entry.entry_id, Delivery { destination: Destination::Route(route.clone()), payload, content_type: entry.content_type })
+            .map(|(id, body, content_type)| {
+                (id, Delivery { destination: Destination::Route(route.clone()), payload: Payload::Bytes(body), content_type })
             })
             .unzip();
         let statuses = app.door.deliver_all(deliveries).await;
@@ -82,6 +80,13 @@ async fn deliver(State(app): State<AppRoutes>, method: Method, uri: Uri, headers
     }
     let delivery = Delivery { destination: Destination::Route(route), payload: Payload::Bytes(body), content_type };
     status_reply(app.door.deliver(delivery).await)
+}
+
+/// A bulk request's entries: (entry id, event bytes, content type); `None`
+/// when the body is not a bulk request (then it is delivered as one event).
+pub(crate) fn parse_bulk(body: &[u8]) -> Option<Vec<(String, Bytes, Option<String>)>> {
+    let bulk = serde_json::from_slice::<BulkRequest<'_>>(body).ok()?;
+    Some(bulk.entries.into_iter().map(|entry| (entry.entry_id, entry_bytes(entry.event), entry.content_type)).collect())
 }
 
 /// Handlers sharing a route share one subscription, so one bulk setting.

@@ -10,7 +10,9 @@ use crate::store::QueuedMessage;
 /// Claims and done markers, by encoded dedupe key.
 pub const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
 /// Tenant state under a (tenant, key) tuple: the tenant is a separate field,
-/// so no key string can reach another tenant's entries.
+/// so no key string can reach another tenant's entries. A value is the
+/// version that wrote it (8 bytes, big-endian: the commit's number, for read
+/// validation) followed by the bytes.
 pub const STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("state");
 /// The embedded broker's queue: messages accepted and not yet settled.
 pub const QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("queue");
@@ -19,6 +21,54 @@ pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead
 /// Outbox entries of stores written before the queue existed; moved to
 /// the queue when such a store is opened.
 pub const LEGACY_OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+
+/// The file's format: what [`upgrade`] brings an older file to.
+pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Version 2: state values carry their version.
+const FORMAT: u64 = 2;
+
+/// Brings a file written by an older host to the current format, once:
+/// state values written before they had versions get version 0.
+pub fn upgrade(db: &redb::Database) -> Result<(), redb::Error> {
+    use redb::ReadableTable;
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        let format = meta.get("format")?.map(|v| v.value());
+        if format != Some(FORMAT) {
+            let mut state = txn.open_table(STATE)?;
+            if format.is_none() {
+                let rows: Vec<((String, String), Vec<u8>)> = state
+                    .iter()?
+                    .map(|row| row.map(|(k, v)| ((k.value().0.to_owned(), k.value().1.to_owned()), v.value().to_vec())))
+                    .collect::<Result<_, _>>()?;
+                for ((namespace, key), value) in rows {
+                    state.insert((namespace.as_str(), key.as_str()), encode_state(0, &value).as_slice())?;
+                }
+            }
+            meta.insert("format", FORMAT)?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// A state value as stored: its version, then its bytes.
+pub fn encode_state(version: u64, value: &[u8]) -> Vec<u8> {
+    let mut row = Vec::with_capacity(8 + value.len());
+    row.extend_from_slice(&version.to_be_bytes());
+    row.extend_from_slice(value);
+    row
+}
+
+/// (version, bytes) of a stored state value; a row too short to hold a
+/// version is version 0.
+pub fn decode_state(row: &[u8]) -> (u64, &[u8]) {
+    match row.split_first_chunk::<8>() {
+        Some((version, value)) => (u64::from_be_bytes(*version), value),
+        None => (0, row),
+    }
+}
 
 /// A message as a row: `pubsub`, `topic`, the content type and the origin
 /// tenant each as a 2-byte length and the bytes (a length of 0xFFFF is an

@@ -14,7 +14,7 @@
 //! redb gives serialisable write transactions, which is what makes the claim
 //! a true insert-if-absent and the finish commit atomic.
 
-mod codec;
+pub(crate) mod codec;
 mod handle;
 mod writer;
 
@@ -31,7 +31,7 @@ use serde_json::Value;
 use super::claim::{Claim, ClaimToken, Record};
 use super::{
     Commit, DedupeKey, DeliveryStore, MessageId, MessageQueue, OutboundMessage, OutboxId, QueueError, QueueLimits, QueuedMessage, Settle,
-    SharedIndex, StateUsage, StoreError, Taken,
+    SharedIndex, StateRead, StateUsage, StoreError, Taken,
 };
 use crate::clock::{self, SharedClock};
 use crate::cloudevent::CLOUDEVENTS_JSON;
@@ -78,6 +78,7 @@ impl EmbeddedStore {
     /// Messages queued by an earlier run are due at once.
     pub fn open_with(path: &Path, options: EmbeddedOptions) -> anyhow::Result<Self> {
         let handle = Arc::new(DbHandle::open(path, options.cache_bytes).map_err(anyhow::Error::msg)?);
+        codec::upgrade(&*handle.get()?).with_context(|| format!("upgrading the format of {}", path.display()))?;
         move_legacy_outbox(&handle).with_context(|| format!("moving old outbox entries to the queue in {}", path.display()))?;
         let index = SharedIndex::default();
         let next_id = load_queue(&handle, &index).with_context(|| format!("reading the queue of {}", path.display()))?;
@@ -85,8 +86,10 @@ impl EmbeddedStore {
         if queued > 0 {
             tracing::info!(path = %path.display(), messages = queued, "messages queued by an earlier run will be delivered");
         }
-        let usage = SharedUsage::new(load_usage(&handle).with_context(|| format!("counting tenant state in {}", path.display()))?.into());
-        let writer = Writer::start(handle.clone(), index.clone(), usage.clone(), next_id).context("starting the embedded store's writer thread")?;
+        let (usage, newest_version) = load_usage(&handle).with_context(|| format!("counting tenant state in {}", path.display()))?;
+        let usage = SharedUsage::new(usage.into());
+        let writer = Writer::start(handle.clone(), index.clone(), usage.clone(), next_id, newest_version)
+            .context("starting the embedded store's writer thread")?;
         Ok(Self { handle, writer, index, usage, limits: options.queue_limits, clock: options.clock })
     }
 
@@ -125,18 +128,22 @@ fn load_queue(handle: &DbHandle, index: &SharedIndex) -> anyhow::Result<MessageI
     Ok(next_id)
 }
 
-/// What each state namespace holds (one pass over the state at start).
-fn load_usage(handle: &DbHandle) -> anyhow::Result<std::collections::HashMap<String, StateUsage>> {
+/// What each state namespace holds, and the newest state version (one pass
+/// over the state at start).
+fn load_usage(handle: &DbHandle) -> anyhow::Result<(std::collections::HashMap<String, StateUsage>, u64)> {
     let db = handle.get()?;
     let txn = db.begin_read()?;
     let state = txn.open_table(STATE)?;
     let mut usage: std::collections::HashMap<String, StateUsage> = std::collections::HashMap::new();
+    let mut newest = 0;
     for row in state.iter()? {
         let (key, value) = row?;
         let (namespace, key) = key.value();
-        usage.entry(namespace.to_owned()).or_default().apply(key.len(), None, Some(value.value().len()));
+        let (version, value) = codec::decode_state(value.value());
+        newest = newest.max(version);
+        usage.entry(namespace.to_owned()).or_default().apply(key.len(), None, Some(value.len()));
     }
-    Ok(usage)
+    Ok((usage, newest))
 }
 
 /// Stores written before the queue existed kept committed publishes in an
@@ -202,6 +209,7 @@ impl DeliveryStore for EmbeddedStore {
             done: Record::Done { kind: commit.completion.into(), expires_ms: clock::after_ms(self.clock.now_ms(), commit.ttl) },
             tenant: commit.tenant.to_owned(),
             writes: commit.state_writes.to_vec(),
+            reads: commit.reads.to_vec(),
             messages: commit.outbox.iter().map(queued).collect(),
             dead_letter: commit.dead_letter.map(<[u8]>::to_vec),
         };
@@ -209,11 +217,17 @@ impl DeliveryStore for EmbeddedStore {
         Ok(Vec::new())
     }
 
-    async fn get_state(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn read_state(&self, tenant: &str, key: &str) -> Result<StateRead, StoreError> {
         // Reads are short and redb readers never wait for writers: run inline.
         self.read("reading state", |txn| {
             let state = txn.open_table(STATE)?;
-            Ok(state.get((tenant, key))?.map(|v| v.value().to_vec()))
+            Ok(match state.get((tenant, key))? {
+                Some(row) => {
+                    let (version, value) = codec::decode_state(row.value());
+                    StateRead { value: Some(value.to_vec()), version: Some(version.to_string()) }
+                }
+                None => StateRead::default(),
+            })
         })
     }
 

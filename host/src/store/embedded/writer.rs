@@ -20,11 +20,11 @@ use std::time::Duration;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table};
 use tokio::sync::oneshot;
 
-use super::codec::{CLAIMS, DEAD_LETTERS, QUEUE, STATE, decode_origin_and_size, encode_message};
+use super::codec::{self, CLAIMS, DEAD_LETTERS, QUEUE, STATE, decode_origin_and_size, encode_message};
 use super::handle::{Availability, DbHandle};
 use crate::pipeline::StateWrite;
 use crate::store::claim::{self, Claim, ClaimToken, Record};
-use crate::store::{MessageId, QueuedMessage, Settle, SharedIndex, StateUsage, StoreError};
+use crate::store::{MessageId, QueuedMessage, ReadVersion, Settle, SharedIndex, StateUsage, StoreError};
 
 /// Operations applied in one transaction at most; more wait for the next.
 const MAX_BATCH: usize = 512;
@@ -55,6 +55,8 @@ pub struct FinishOp {
     pub done: Record,
     pub tenant: String,
     pub writes: Vec<StateWrite>,
+    /// Keys the attempt read, with the versions it saw.
+    pub reads: Vec<ReadVersion>,
     /// Its publishes (and dead letter), straight onto the queue.
     pub messages: Vec<QueuedMessage>,
     /// The dead-letter record to keep for listing, as JSON.
@@ -89,11 +91,11 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer thread for `handle`; committed queue changes are
     /// told to `index`. `next_id` is the first free message id.
-    pub fn start(handle: Arc<DbHandle>, index: SharedIndex, usage: SharedUsage, next_id: MessageId) -> std::io::Result<Self> {
+    pub fn start(handle: Arc<DbHandle>, index: SharedIndex, usage: SharedUsage, next_id: MessageId, state_version: u64) -> std::io::Result<Self> {
         let (requests, incoming) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("wasmsub-store-writer".into())
-            .spawn(move || WriterThread { handle, index, usage, next_id }.run(incoming))?;
+            .spawn(move || WriterThread { handle, index, usage, next_id, state_version }.run(incoming))?;
         Ok(Self { requests: Some(requests), thread: Some(thread) })
     }
 
@@ -141,6 +143,8 @@ struct WriterThread {
     index: SharedIndex,
     usage: SharedUsage,
     next_id: MessageId,
+    /// The newest state version written; each commit takes the next.
+    state_version: u64,
 }
 
 /// State held per namespace, kept current by the writer.
@@ -267,13 +271,20 @@ impl WriterThread {
                 if let Err(lost) = claim::check_owner(record_or_fail!(load(&tables.claims, &finish.claim.key)?).as_ref(), &finish.claim) {
                     return Ok(Err(lost));
                 }
+                for (key, seen) in &finish.reads {
+                    let now = tables.state.get((finish.tenant.as_str(), key.as_str()))?.map(|row| codec::decode_state(row.value()).0.to_string());
+                    if now != *seen {
+                        return Ok(Err(StoreError::Conflict(key.clone())));
+                    }
+                }
                 tables.claims.insert(finish.claim.key.as_str(), claim::encode(&finish.done).as_slice())?;
+                self.state_version += 1;
                 for (key, value) in &finish.writes {
                     let old = match value {
-                        Some(value) => tables.state.insert((finish.tenant.as_str(), key.as_str()), value.as_slice())?,
+                        Some(value) => tables.state.insert((finish.tenant.as_str(), key.as_str()), codec::encode_state(self.state_version, value).as_slice())?,
                         None => tables.state.remove((finish.tenant.as_str(), key.as_str()))?,
                     };
-                    let old = old.map(|v| v.value().len());
+                    let old = old.map(|v| codec::decode_state(v.value()).1.len());
                     changes.state.push((finish.tenant.clone(), key.len(), old, value.as_ref().map(Vec::len)));
                 }
                 self.enqueue(&mut tables.queue, &finish.messages, changes)?;
