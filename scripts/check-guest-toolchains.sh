@@ -17,7 +17,7 @@ else
     echo "check-guest-toolchains: rustup has no wasm32-wasip2 here; checking the Debian way only" >&2
 fi
 
-cargo build --locked --quiet --bin wasmsub
+cargo build --locked --quiet -p wasmsub --bin wasmsub
 for way in "${ways[@]}"; do
     WASMSUB_GUEST_TOOLCHAIN=$way bash scripts/build-guests.sh "$out/$way"
     manifest="$out/$way/wasmsub.toml"

@@ -6,5 +6,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_cargo
 bash "$root/scripts/build-guests.sh" "$root/target/guests"
 cd "$root"
-cargo build --locked --bin wasmsub
+cargo build --locked -p wasmsub --bin wasmsub
 exec "$CARGO_TARGET_DIR/debug/wasmsub" demo --manifest examples/todo/wasmsub.toml "$@"

@@ -27,6 +27,7 @@ pub mod clock;
 pub mod cloudevent;
 pub mod control;
 mod delivery;
+mod faults;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod host;

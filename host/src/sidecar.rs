@@ -106,6 +106,10 @@ impl Operation {
     pub fn delete(key: String) -> Self {
         Self { operation: "delete", request: StateItem::new(key, None) }
     }
+    /// A delete of `key` if its ETag is still `etag`.
+    pub fn delete_if(key: String, etag: String) -> Self {
+        Self { operation: "delete", request: StateItem::new(key, None).first_write(Some(etag)) }
+    }
 }
 
 #[derive(Clone)]
@@ -182,7 +186,46 @@ impl Sidecar {
         self.send(url, request).await.map(drop)
     }
 
-    /// Applies `operations` atomically.
+    /// Several keys' values and ETags in one call (`None`: absent). Dapr
+    /// answers each key on its own; a key it could not read is an error.
+    pub async fn get_bulk(&self, store: &str, keys: &[String]) -> Result<Vec<Option<(Value, Option<String>)>>, SidecarError> {
+        #[derive(serde::Deserialize)]
+        struct Item {
+            key: String,
+            #[serde(default)]
+            data: Option<Value>,
+            #[serde(default)]
+            etag: Option<String>,
+            #[serde(default)]
+            error: Option<String>,
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let url = format!("{}/v1.0/state/{}/bulk", self.base, path_segment(store));
+        let request = self.http.post(&url).json(&serde_json::json!({ "keys": keys, "parallelism": 16 }));
+        let response = self.send(url.clone(), request).await?;
+        let items: Vec<Item> = response.json().await.map_err(|source| SidecarError::Unreachable { url: url.clone(), source })?;
+        let mut by_key = std::collections::HashMap::with_capacity(items.len());
+        for item in items {
+            if let Some(error) = item.error {
+                return Err(SidecarError::Status { url, status: reqwest::StatusCode::INTERNAL_SERVER_ERROR, body: format!("key {}: {error}", item.key) });
+            }
+            by_key.insert(item.key, item.data.filter(|d| !d.is_null()).map(|data| (data, item.etag)));
+        }
+        Ok(keys.iter().map(|key| by_key.remove(key).flatten()).collect())
+    }
+
+    /// Deletes `key` if its ETag is still `etag`.
+    pub async fn delete_state(&self, store: &str, key: &str, etag: &str) -> Result<(), SidecarError> {
+        let url = format!("{}/v1.0/state/{}/{}", self.base, path_segment(store), path_segment(key));
+        let request = self.http.delete(&url).header(reqwest::header::IF_MATCH, etag).query(&[("concurrency", "first-write")]);
+        self.send(url, request).await.map(drop)
+    }
+
+    /// Applies `operations` as one state transaction (atomic only where the
+    /// store makes it so: Redis applies the operations whose ETag checks
+    /// pass even when another's fails).
     pub async fn transaction(&self, store: &str, operations: &[Operation]) -> Result<(), SidecarError> {
         let url = format!("{}/v1.0/state/{}/transaction", self.base, path_segment(store));
         let request = self.http.post(&url).json(&serde_json::json!({ "operations": operations }));

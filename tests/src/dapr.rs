@@ -8,7 +8,10 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use wasmsub::store::keys::dapr_state_key;
+
+use crate::cloud_event;
 
 pub use crate::process::{Process, START_TIMEOUT, free_port, repo_root, wait_for_port};
 
@@ -283,3 +286,100 @@ impl DaprClient {
         }
     }
 }
+
+// Shared by the Dapr test files.
+
+/// A test's scratch space: logs, components, manifest.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self { dir: tempfile::tempdir().unwrap() }
+    }
+}
+
+impl Drop for Scratch {
+    /// WASMSUB_KEEP_LOGS=1 keeps the processes' logs for a look afterwards.
+    fn drop(&mut self) {
+        if std::env::var_os("WASMSUB_KEEP_LOGS").is_some() {
+            let kept = self.dir.path().with_extension("kept");
+            let _ = std::fs::rename(self.dir.path(), &kept);
+            eprintln!("logs kept in {}", kept.display());
+        }
+    }
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn components(&self, redis: &Redis) -> PathBuf {
+        let dir = self.path().join("components");
+        write_components(&dir, redis.port, &FAST_REDELIVERY);
+        dir
+    }
+    pub fn manifest(&self, body: &str) -> PathBuf {
+        self.manifest_named("wasmsub.toml", body)
+    }
+    pub fn manifest_named(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+}
+
+/// Tenant `acme` with the given `[[tenant.handler]]` tables.
+pub fn manifest(limits: &str, handlers: &[(&str, &str, &str, &str)]) -> String {
+    let mut text = format!("[idempotency]\nlease_margin = \"1s\"\n\n[[tenant]]\nname = \"acme\"\nlimits = {{ {limits} }}\n");
+    for (name, component, topic, extra) in handlers {
+        text.push_str(&format!(
+            "\n[[tenant.handler]]\nname = \"{name}\"\ncomponent = {component:?}\ntopic = \"{topic}\"\n\
+             retry = {{ max_attempts = 3, multiplier = 0.05, min = \"50ms\", max = \"200ms\" }}\n{extra}\n"
+        ));
+    }
+    text
+}
+
+/// Publishes warm-up events until the host handles one: Dapr reads the
+/// subscriptions once the app port is open, and Redis Streams only delivers
+/// what is published after the consumer group exists.
+pub async fn wait_until_subscribed(client: &DaprClient, topic: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for attempt in 0.. {
+        client.publish(topic, &cloud_event(&format!("warm-up-{attempt}"), json!({"key": "warm-up"}))).await;
+        for _ in 0..10 {
+            if client.tenant_state("acme", "count:warm-up").await.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(Instant::now() < deadline, "the host never received an event through daprd");
+    }
+}
+
+/// A handler's outcome counts, from the host's `/wasmsub/handlers`.
+pub async fn handler_counts(app_port: u16, handler: &str) -> Value {
+    let url = format!("http://127.0.0.1:{app_port}/wasmsub/handlers");
+    let body: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    body["handlers"].as_array().unwrap().iter().find(|h| h["handler"] == handler).unwrap()["counts"].clone()
+}
+
+/// Reads many tenant keys at once through Dapr's bulk state API.
+pub async fn bulk_counts(daprd: &Daprd, keys: &[String]) -> Vec<Option<String>> {
+    let scoped: Vec<String> = keys.iter().map(|k| dapr_state_key("acme", k)).collect();
+    let url = format!("{}/v1.0/state/statestore/bulk", daprd.url());
+    let body = json!({"keys": scoped, "parallelism": 16});
+    let items: Vec<Value> = reqwest::Client::new().post(url).json(&body).send().await.unwrap().json().await.unwrap();
+    let mut by_key = std::collections::HashMap::new();
+    for item in items {
+        by_key.insert(item["key"].as_str().unwrap().to_owned(), item["data"].as_str().map(str::to_owned));
+    }
+    scoped.iter().map(|k| by_key.get(k).cloned().flatten()).collect()
+}
+

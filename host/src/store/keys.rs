@@ -50,6 +50,12 @@ pub fn dapr_state_key(tenant: &str, key: &str) -> String {
     format!("wasmsub|state|{}:{tenant}|{key}", tenant.len())
 }
 
+/// The Dapr state key of a tenant's commit lock (stores without atomic
+/// multi-key transactions serialise a tenant's state commits with it).
+pub fn dapr_lock_key(tenant: &str) -> String {
+    format!("wasmsub|lock|{}:{tenant}", tenant.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,8 +7,10 @@
 //!   first: a new event (the common case) costs one call. A failed insert
 //!   is classified by reading the record back: done, held by another run,
 //!   expired (taken over with its ETag), or the store being down.
-//! - A finished event is one state transaction: the claim record becomes
-//!   "done" (ETag-checked, with a TTL) and the tenant state writes apply.
+//! - A finished event is one compare-and-set of the claim record into a
+//!   done record carrying the attempt's writes and outbox; the writes are
+//!   applied after it (see [`commit`]), under the tenant's commit lock when
+//!   there are reads to validate or writes to apply (see [`tenant_lock`]).
 //! - Dapr's state API cannot list keys, so the outbox travels inside the
 //!   done record: the pipeline publishes it right after the commit, and a
 //!   redelivery that finds a done record with unpublished entries publishes
@@ -18,21 +20,26 @@
 //!   accepts no write without one on Redis), so it costs a read too.
 //! - Tenant state lives under [`keys::dapr_state_key`].
 
+mod commit;
+mod tenant_lock;
+mod values;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use commit::CommittedWrites;
+use tenant_lock::LocalTurns;
 
 use super::claim::{self, Claim, ClaimToken, Record};
 use super::keys::{self, DedupeKey};
 use super::{Commit, DeliveryStore, OutboundMessage, OutboxId, StateRead, StoreError};
-use crate::clock::{self, SharedClock};
-use crate::sidecar::{Operation, Sidecar, SidecarError, StateItem};
+use crate::clock::SharedClock;
+use crate::sidecar::{Sidecar, SidecarError, StateItem};
 
 /// Claims outlive their lease by this much in the store, so an expired claim
 /// is still there to be taken over (with its ETag), then vanishes by TTL.
@@ -45,6 +52,10 @@ struct StoredClaim {
     /// Publishes committed with the event and not yet relayed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     outbox: Vec<OutboundMessage>,
+    /// A committed event's state writes, kept so that a commit whose host
+    /// died before applying them can be rolled forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    writes: Option<CommittedWrites>,
 }
 
 /// The delivery store behind a Dapr sidecar's state API.
@@ -53,6 +64,7 @@ pub struct DaprStore {
     store_name: String,
     clock: SharedClock,
     pending: Mutex<Pending>,
+    turns: LocalTurns,
 }
 
 /// Outbox entries this process knows are committed and not yet published.
@@ -72,32 +84,10 @@ fn to_value(stored: &StoredClaim) -> Value {
     serde_json::to_value(stored).expect("a claim record always serialises")
 }
 
-/// Guest values are bytes; Dapr stores JSON. UTF-8 text is stored as a JSON
-/// string (readable through Dapr's state API), other bytes as base64 in an
-/// object, so every value round-trips exactly.
-fn encode_value(bytes: &[u8]) -> Value {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => Value::String(text.to_owned()),
-        Err(_) => serde_json::json!({ "base64": BASE64.encode(bytes) }),
-    }
-}
-
-fn decode_value(stored: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let corrupt = |why: String| StoreError::Unavailable(anyhow::anyhow!("state value is not in wasmsub's encoding: {why}"));
-    match serde_json::from_slice::<Value>(stored).map_err(|e| corrupt(e.to_string()))? {
-        Value::String(text) => Ok(text.into_bytes()),
-        Value::Object(object) => match object.get("base64") {
-            Some(Value::String(encoded)) => BASE64.decode(encoded).map_err(|e| corrupt(e.to_string())),
-            _ => Err(corrupt("an object without `base64`".into())),
-        },
-        other => Err(corrupt(format!("unexpected {other}"))),
-    }
-}
-
 impl DaprStore {
     /// The store `store_name` (a Dapr state component) behind `sidecar`.
     pub fn new(sidecar: Sidecar, store_name: &str, clock: SharedClock) -> Self {
-        Self { sidecar, store_name: store_name.to_owned(), clock, pending: Mutex::new(Pending::default()) }
+        Self { sidecar, store_name: store_name.to_owned(), clock, pending: Mutex::new(Pending::default()), turns: LocalTurns::default() }
     }
 
     async fn load(&self, key: &str) -> Result<Option<(StoredClaim, Option<String>)>, StoreError> {
@@ -137,7 +127,7 @@ impl DaprStore {
             return Ok(());
         }
         let ttl = Duration::from_millis(expires_ms.saturating_sub(self.clock.now_ms()));
-        let cleared = StoredClaim { record: stored.record, outbox: Vec::new() };
+        let cleared = StoredClaim { record: stored.record, outbox: Vec::new(), writes: stored.writes };
         let item = StateItem::new(key.to_owned(), Some(to_value(&cleared))).first_write(etag).ttl(ttl);
         match self.sidecar.save_state(&self.store_name, &[item]).await {
             // Someone else changed it meanwhile: their copy is newer.
@@ -146,10 +136,35 @@ impl DaprStore {
         }
     }
 
+    /// If `record_key`'s commit may still be unapplied (its tenant lock is
+    /// still held in its name), when that lock expires; an expired one is
+    /// taken over here, which rolls the writes forward.
+    async fn unapplied_commit(&self, namespace: &str, record_key: &str) -> Result<Option<u64>, StoreError> {
+        let Some((lock, _)) = self.load_lock(namespace).await? else { return Ok(None) };
+        if !lock.covers(record_key) {
+            return Ok(None);
+        }
+        if !lock.expired(self.clock.now_ms()) {
+            return Ok(Some(lock.until_ms()));
+        }
+        let held = self.lock_tenant(namespace, record_key).await?;
+        self.unlock_tenant(held).await;
+        Ok(None)
+    }
+
     /// Decides a claim against the record that made the insert fail.
     async fn claim_existing(&self, encoded: &str, lease: Duration, stored: StoredClaim, etag: Option<String>) -> Result<Claim, StoreError> {
         let record_key = keys::dapr_claim_key(encoded);
         let (answer, record) = claim::decide_claim(encoded, Some(&stored.record), self.clock.now_ms(), lease, claim::new_token());
+        if let (Claim::AlreadyDone(_), Some(writes)) = (&answer, &stored.writes)
+            && let Some(lease_until_ms) = self.unapplied_commit(&writes.namespace, &record_key).await?
+        {
+            // Committed by a host that died before applying the writes, and
+            // its tenant lock has not expired yet: ask for a redelivery,
+            // which rolls them forward (acknowledging now could leave them
+            // unapplied until the tenant's next commit).
+            return Ok(Claim::HeldElsewhere { lease_until_ms });
+        }
         if let Claim::AlreadyDone(_) = answer
             && !stored.outbox.is_empty()
         {
@@ -159,7 +174,7 @@ impl DaprStore {
         }
         let Some(record) = record else { return Ok(answer) };
         // An expired claim or done record: replace it, guarded by its ETag.
-        let replacement = StoredClaim { record, outbox: Vec::new() };
+        let replacement = StoredClaim { record, outbox: Vec::new(), writes: None };
         let item = StateItem::new(record_key.clone(), Some(to_value(&replacement))).first_write(etag).ttl(lease + CLAIM_TTL_SLACK);
         match self.sidecar.save_state(&self.store_name, &[item]).await {
             Ok(()) => Ok(answer),
@@ -187,7 +202,7 @@ impl DeliveryStore for DaprStore {
         let encoded = key.encoded();
         let (answer, record) = claim::decide_claim(&encoded, None, self.clock.now_ms(), lease, claim::new_token());
         let record = record.expect("a claim on an absent record is always written");
-        let fresh = StoredClaim { record, outbox: Vec::new() };
+        let fresh = StoredClaim { record, outbox: Vec::new(), writes: None };
         let item = StateItem::new(keys::dapr_claim_key(&encoded), Some(to_value(&fresh))).first_write(None).ttl(lease + CLAIM_TTL_SLACK);
         match self.sidecar.save_state(&self.store_name, &[item]).await {
             Ok(()) => Ok(answer),
@@ -210,7 +225,7 @@ impl DeliveryStore for DaprStore {
         }
         // Expire the claim now (keeping the key, whose first-write marker
         // makes later writes ETag-checked).
-        let released = StoredClaim { record: Record::InFlight { token: token.token, lease_until_ms: 0 }, outbox: Vec::new() };
+        let released = StoredClaim { record: Record::InFlight { token: token.token, lease_until_ms: 0 }, outbox: Vec::new(), writes: None };
         let item = StateItem::new(record_key, Some(to_value(&released))).first_write(etag).ttl(CLAIM_TTL_SLACK);
         match self.sidecar.save_state(&self.store_name, &[item]).await {
             Ok(()) | Err(SidecarError::Conflict { .. }) => Ok(()),
@@ -219,37 +234,12 @@ impl DeliveryStore for DaprStore {
     }
 
     async fn finish(&self, commit: Commit<'_>) -> Result<Vec<OutboxId>, StoreError> {
-        let record_key = keys::dapr_claim_key(&commit.claim.key);
-        let (stored, etag) = self.load(&record_key).await?.ok_or_else(|| StoreError::ClaimLost(commit.claim.key.clone()))?;
-        claim::check_owner(Some(&stored.record), commit.claim)?;
-        let record = Record::Done { kind: commit.completion.into(), expires_ms: clock::after_ms(self.clock.now_ms(), commit.ttl) };
-        let done = StoredClaim { record, outbox: commit.outbox.to_vec() };
-        let mut operations = vec![Operation::upsert(StateItem::new(record_key.clone(), Some(to_value(&done))).first_write(etag).ttl(commit.ttl))];
-        for (key, value) in commit.state_writes {
-            let key = keys::dapr_state_key(commit.tenant, key);
-            operations.push(match value {
-                Some(bytes) => Operation::upsert(StateItem::new(key, Some(encode_value(bytes)))),
-                None => Operation::delete(key),
-            });
-        }
-        if let Err(error) = self.sidecar.transaction(&self.store_name, &operations).await {
-            // Did someone take the claim over, or is the store down?
-            return match self.load(&record_key).await {
-                Ok(Some((now_stored, _))) if !claim::owns(Some(&now_stored.record), commit.claim) => {
-                    Err(StoreError::ClaimLost(commit.claim.key.clone()))
-                }
-                _ => Err(unavailable(error)),
-            };
-        }
-        if commit.outbox.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(self.remember_outbox(&record_key, commit.outbox))
+        self.finish_commit(commit).await
     }
 
     async fn read_state(&self, tenant: &str, key: &str) -> Result<StateRead, StoreError> {
         match self.sidecar.get_state(&self.store_name, &keys::dapr_state_key(tenant, key)).await.map_err(unavailable)? {
-            Some((bytes, etag)) => Ok(StateRead { value: Some(decode_value(&bytes)?), version: etag }),
+            Some((bytes, etag)) => Ok(StateRead { value: Some(values::decode_body(&bytes)?), version: etag }),
             None => Ok(StateRead::default()),
         }
     }
@@ -278,19 +268,5 @@ impl DeliveryStore for DaprStore {
     async fn purge_expired(&self) -> Result<usize, StoreError> {
         // Records carry TTLs: the state store expires them itself.
         Ok(0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_round_trip_exactly() {
-        for bytes in [&b"{\"id\": 1}"[..], b"plain text", b"", &[0xff, 0x00, 0x10]] {
-            let stored = serde_json::to_vec(&encode_value(bytes)).unwrap();
-            assert_eq!(decode_value(&stored).unwrap(), bytes);
-        }
-        assert_eq!(encode_value(b"{\"id\":1}"), Value::String("{\"id\":1}".into()));
     }
 }
