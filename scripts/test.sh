@@ -24,4 +24,13 @@ bash scripts/check-guest-toolchains.sh
 
 step "cargo test (target dir: $CARGO_TARGET_DIR)"
 cargo test --workspace --locked --no-fail-fast "$@"
+
+# Each fuzz target for a short, fixed time (the corpus is kept in the cache,
+# so every run starts where the last one stopped). WASMSUB_FUZZ_SECONDS=0
+# skips it.
+fuzz_seconds="${WASMSUB_FUZZ_SECONDS:-10}"
+if [ "$fuzz_seconds" -gt 0 ]; then
+    step "fuzz targets, ${fuzz_seconds}s each"
+    bash scripts/fuzz.sh "$fuzz_seconds"
+fi
 step "all tests passed in $((SECONDS - started)) s"

@@ -39,6 +39,7 @@ pub fn daprd_binary() -> PathBuf {
 pub struct Redis {
     pub port: u16,
     _process: Process,
+    _monitor: Option<Process>,
 }
 
 impl Redis {
@@ -50,7 +51,11 @@ impl Redis {
             log_dir,
         );
         wait_for_port(port, &process);
-        Self { port, _process: process }
+        // WASMSUB_REDIS_MONITOR=1 records every command Redis runs (who
+        // acknowledged which stream entry, when) in redis-monitor.log.
+        let monitor = std::env::var_os("WASMSUB_REDIS_MONITOR")
+            .map(|_| Process::spawn("redis-monitor", Command::new("redis-cli").args(["-p", &port.to_string(), "monitor"]), log_dir));
+        Self { port, _process: process, _monitor: monitor }
     }
 }
 
@@ -137,6 +142,14 @@ impl Daprd {
     }
 
     pub fn start_on(name: &str, app_id: &str, app_port: u16, http_port: u16, grpc_port: u16, components: &Path, log_dir: &Path) -> Self {
+        let level = std::env::var("WASMSUB_DAPRD_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+        Self::start_logging(name, app_id, app_port, http_port, grpc_port, components, log_dir, &level)
+    }
+
+    /// As [`Daprd::start_on`], at `level` (`debug` logs each delivery's
+    /// answer, which the Dapr chaos test reads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_logging(name: &str, app_id: &str, app_port: u16, http_port: u16, grpc_port: u16, components: &Path, log_dir: &Path, level: &str) -> Self {
         let ports = [http_port, grpc_port, free_port(), free_port()].map(|p| p.to_string());
         let process = Process::spawn(
             name,
@@ -149,7 +162,7 @@ impl Daprd {
                 "--dapr-internal-grpc-port", &ports[2],
                 "--metrics-port", &ports[3],
                 "--resources-path", components.to_str().unwrap(),
-                "--log-level", "info",
+                "--log-level", level,
             ]),
             log_dir,
         );
@@ -220,7 +233,6 @@ pub fn start_host_with(binary: &str, name: &str, manifest: &Path, daprd: &Daprd,
     let process = Process::spawn(
         name,
         Command::new(binary)
-            .envs(env.iter().copied())
             // Compiled-component cache and embedded files stay in the test's scratch space.
             .env("WASMSUB_DATA_DIR", log_dir.join(format!("{name}-data")))
             .args(["run", "--manifest", manifest.to_str().unwrap()])
@@ -228,7 +240,9 @@ pub fn start_host_with(binary: &str, name: &str, manifest: &Path, daprd: &Daprd,
             .env("DAPR_GRPC_PORT", daprd.grpc_port.to_string())
             .env("APP_PORT", daprd.app_port.to_string())
             .env("WASMSUB_LISTEN", format!("127.0.0.1:{}", daprd.app_port))
-            .env("RUST_LOG", "info,wasmsub=debug"),
+            .env("RUST_LOG", "info,wasmsub=debug")
+            // The test's own settings win (a shared data directory, say).
+            .envs(env.iter().copied()),
         log_dir,
     );
     wait_for_port(daprd.app_port, &process);
@@ -349,18 +363,21 @@ pub fn manifest(limits: &str, handlers: &[(&str, &str, &str, &str)]) -> String {
 /// Publishes warm-up events until the host handles one: Dapr reads the
 /// subscriptions once the app port is open, and Redis Streams only delivers
 /// what is published after the consumer group exists.
-pub async fn wait_until_subscribed(client: &DaprClient, topic: &str) {
+/// Returns how many warm-up events it published (each is an event for
+/// every handler of `topic`).
+pub async fn wait_until_subscribed(client: &DaprClient, topic: &str) -> usize {
     let deadline = Instant::now() + Duration::from_secs(60);
     for attempt in 0.. {
         client.publish(topic, &cloud_event(&format!("warm-up-{attempt}"), json!({"key": "warm-up"}))).await;
         for _ in 0..10 {
             if client.tenant_state("acme", "count:warm-up").await.is_some() {
-                return;
+                return attempt + 1;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(Instant::now() < deadline, "the host never received an event through daprd");
     }
+    unreachable!("the loop returns or fails")
 }
 
 /// A handler's outcome counts, from the host's `/wasmsub/handlers`.

@@ -109,17 +109,17 @@ pub async fn rollback(base_url: &str, token: &str, tenant: &str, handler: &str) 
 pub async fn print_status(base_url: &str) -> anyhow::Result<()> {
     let url = format!("{}/wasmsub/handlers", base_url.trim_end_matches('/'));
     let body = admin_call(http()?.get(&url), &url).await?;
-    println!("{:<28} {:<14} {:<22} {:>9} {:>9} {:>8} {:>8} {:>8}", "tenant/handler", "version", "topic", "processed", "duplicate", "retried", "dead", "deferred");
+    println!("{:<28} {:<14} {:<22} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}", "tenant/handler", "version", "topic", "processed", "duplicate", "retried", "reran", "dead", "deferred");
     let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0).to_string();
     for h in body["handlers"].as_array().into_iter().flatten() {
         let counts = &h["counts"];
         println!(
-            "{:<28} {:<14} {:<22} {:>9} {:>9} {:>8} {:>8} {:>8}",
+            "{:<28} {:<14} {:<22} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
             format!("{}/{}", h["tenant"].as_str().unwrap_or(""), h["handler"].as_str().unwrap_or("")),
             h["version"].as_str().unwrap_or("").chars().take(12).collect::<String>(),
             h["topic"].as_str().unwrap_or(""),
             count(&counts["processed"]), count(&counts["duplicates"]), count(&counts["retries"]),
-            count(&counts["dead_lettered"]), count(&counts["deferred"]),
+            count(&counts["reruns"]), count(&counts["dead_lettered"]), count(&counts["deferred"]),
         );
     }
     Ok(())

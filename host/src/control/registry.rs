@@ -51,6 +51,9 @@ pub struct HandlerCounts {
     pub dead_lettered: AtomicU64,
     /// Deliveries handed back to the broker (held elsewhere, store down).
     pub deferred: AtomicU64,
+    /// Attempts run again because a state key they read changed before
+    /// their commit (optimistic concurrency; not counted as retries).
+    pub reruns: AtomicU64,
 }
 
 impl Tenant {

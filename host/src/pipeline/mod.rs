@@ -229,6 +229,7 @@ impl Pipeline {
                     // guest's failure, so it does not use up an attempt.
                     Err(Conflict(key)) if conflicts < MAX_CONFLICT_RERUNS => {
                         conflicts += 1;
+                        HandlerCounts::add(&handler.counts.reruns);
                         tracing::debug!(state.key = %printable(&key), conflicts, "state read changed before the commit; running the attempt again");
                         continue;
                     }

@@ -32,8 +32,10 @@ use crate::store::StoreError;
 use crate::sidecar::StateItem;
 
 /// How long a commit may hold its tenant's lock before another host may
-/// take it over (a commit is a few sidecar calls).
-const LOCK_LEASE: Duration = Duration::from_secs(5);
+/// take it over (a commit is a few sidecar calls). Short, because a host
+/// that dies holding it stalls its tenant's commits this long; a holder
+/// that outlives it is harmless (its writes are fenced by ETags).
+const LOCK_LEASE: Duration = Duration::from_secs(2);
 /// How long a commit waits for its turn before giving the event back.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// Unfinished commits remembered in a lock record (a chain of holders that
