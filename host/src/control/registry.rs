@@ -36,6 +36,10 @@ pub struct Tenant {
     /// Set while the one attempt a tenant over its publish backlog quota
     /// may run is running (see `pipeline/flow.rs`).
     pub probing: Arc<std::sync::atomic::AtomicBool>,
+    /// Taken by an attempt that runs again after a read-validation
+    /// conflict: reruns of one tenant go one at a time, so on a hot key a
+    /// rerun reads and commits without racing the other reruns (no thrash).
+    pub rerun_lane: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What a handler's deliveries came to, since the host started.
@@ -230,6 +234,7 @@ impl Registry {
                 concurrency: Arc::new(Semaphore::new(tenant_config.limits.max_concurrency as usize)),
                 waiting: Arc::default(),
                 probing: Arc::default(),
+                rerun_lane: Arc::default(),
             });
             tenants.insert(tenant_config.name.clone(), tenant.clone());
             for config in &tenant_config.handlers {

@@ -216,6 +216,8 @@ impl Pipeline {
         let policy = &handler.config.retry;
         let mut attempt = 1;
         let mut conflicts = 0;
+        // Held from the first conflict to the end: see `Tenant::rerun_lane`.
+        let mut rerun_lane = None;
         loop {
             let Attempt { result, component, slot } = self.attempt(flight, event, attempt).await;
             flight.component = component;
@@ -230,6 +232,9 @@ impl Pipeline {
                     Err(Conflict(key)) if conflicts < MAX_CONFLICT_RERUNS => {
                         conflicts += 1;
                         HandlerCounts::add(&handler.counts.reruns);
+                        if rerun_lane.is_none() {
+                            rerun_lane = Some(handler.tenant.rerun_lane.clone().lock_owned().await);
+                        }
                         tracing::debug!(state.key = %printable(&key), conflicts, "state read changed before the commit; running the attempt again");
                         continue;
                     }
