@@ -63,15 +63,19 @@ impl Redis {
     /// Waits until every entry of the stream `topic` has been delivered to
     /// the consumer group `group` (Dapr names it after the app id) and
     /// acknowledged: from then on no (re)delivery can come, so a count read
-    /// afterwards is final.
-    pub fn wait_drained(&self, topic: &str, group: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
+    /// afterwards is final. Fails only if the backlog does not move for
+    /// `stall` (a busy machine drains slowly, a stuck one not at all).
+    pub fn wait_drained(&self, topic: &str, group: &str, stall: Duration) {
+        let (mut last, mut since) = ((None, None), Instant::now());
         loop {
             let (pending, lag) = self.group_backlog(topic, group);
             if pending == Some(0) && lag == Some(0) {
                 return;
             }
-            assert!(Instant::now() < deadline, "stream {topic} not drained by group {group} after {limit:?}: pending {pending:?}, lag {lag:?}");
+            if (pending, lag) != last {
+                (last, since) = ((pending, lag), Instant::now());
+            }
+            assert!(since.elapsed() < stall, "stream {topic} not drained by group {group}: pending {pending:?}, lag {lag:?}, unchanged for {stall:?}");
             std::thread::sleep(Duration::from_millis(100));
         }
     }

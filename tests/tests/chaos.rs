@@ -15,18 +15,23 @@ use wasmsub_tests::{cloud_event, guests};
 const HOST: &str = env!("CARGO_BIN_EXE_wasmsub-under-test");
 
 /// Tenant `acme`: `orders` records each event and forwards a follow-up to
-/// `followups`, whose handler records that too. `totals` (tenant `tally`)
-/// takes every order as well and adds one to a shared counter.
-fn manifest(dir: &std::path::Path, limits: &str) -> PathBuf {
+/// `followups`, whose handler records that too. With `tally`, `totals`
+/// (tenant `tally`, 4 at a time) takes every order as well and adds one to
+/// a shared counter.
+fn manifest(dir: &std::path::Path, limits: &str, tally: bool) -> PathBuf {
     let (r, c) = (guests::RECORDER, guests::COUNTER);
+    let tally_tenant = if tally {
+        format!("[[tenant]]\nname = \"tally\"\nlimits = {{ max_concurrency = 4 }}\n[[tenant.handler]]\nname = \"totals\"\ncomponent = {c:?}\ntopic = \"orders\"\n")
+    } else {
+        String::new()
+    };
     let text = format!(
         "[idempotency]\nlease_margin = \"5s\"\n[[tenant]]\nname = \"acme\"\nlimits = {{ publish_topics = [\"followups\"], max_state_keys = 1000000, max_queued_publishes = 100000, max_publish_rate = 100000{limits} }}\n\
          [[tenant.handler]]\nname = \"orders\"\ncomponent = {r:?}\ntopic = \"orders\"\n\
          retry = {{ max_attempts = 3, multiplier = 0.05, min = \"50ms\", max = \"200ms\" }}\n\
          [[tenant.handler]]\nname = \"followups\"\ncomponent = {r:?}\ntopic = \"followups\"\n\
          retry = {{ max_attempts = 3, multiplier = 0.05, min = \"50ms\", max = \"200ms\" }}\n\
-         [[tenant]]\nname = \"tally\"\n\
-         [[tenant.handler]]\nname = \"totals\"\ncomponent = {c:?}\ntopic = \"orders\"\n"
+         {tally_tenant}"
     );
     let path = dir.join("wasmsub.toml");
     std::fs::write(&path, text).unwrap();
@@ -47,7 +52,7 @@ fn effect_keys(events: impl Iterator<Item = usize>) -> (Vec<String>, Vec<String>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_killed_every_few_hundred_ms_loses_and_doubles_nothing() {
     let scratch = tempfile::tempdir().unwrap();
-    let manifest = manifest(scratch.path(), "");
+    let manifest = manifest(scratch.path(), "", true);
     let data = scratch.path().join("data");
     let host = Arc::new(tokio::sync::RwLock::new(EmbeddedHost::start(HOST, &manifest, &data, scratch.path(), &[])));
     const EVENTS: usize = 5000;
@@ -116,7 +121,7 @@ async fn a_host_killed_every_few_hundred_ms_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_with_a_backlog_leaves_it_on_disk_for_the_next_start() {
     let scratch = tempfile::tempdir().unwrap();
-    let manifest = manifest(scratch.path(), "");
+    let manifest = manifest(scratch.path(), "", false);
     let data = scratch.path().join("data");
     const EVENTS: usize = 30_000;
     let mut host = EmbeddedHost::start(HOST, &manifest, &data, scratch.path(), &["--queue-max-messages", "100000"]);
@@ -148,7 +153,7 @@ async fn a_flood_of_publishes_is_refused_with_429_and_memory_stays_under_the_bou
     let scratch = tempfile::tempdir().unwrap();
     // A small host: 8 slots of 16 MiB, a queue of 2,000 messages, a 16 MiB
     // cache: its computed bound is a few hundred MiB.
-    let manifest = manifest(scratch.path(), ", memory_mib = 16, max_concurrency = 8");
+    let manifest = manifest(scratch.path(), ", memory_mib = 16, max_concurrency = 8", false);
     let data = scratch.path().join("data");
     let args = ["--instance-slots", "8", "--queue-max-messages", "2000", "--queue-max-mib", "8", "--store-cache-mib", "16"];
     let host = Arc::new(EmbeddedHost::start(HOST, &manifest, &data, scratch.path(), &args));
@@ -248,7 +253,7 @@ async fn a_full_disk_refuses_publishes_and_defers_events_then_recovers_without_a
         panic!("this test mounts a 16 MiB tmpfs to fill a real file system; run it as root (CI does)");
     };
     let scratch = tempfile::tempdir().unwrap();
-    let manifest = manifest(scratch.path(), "");
+    let manifest = manifest(scratch.path(), "", false);
     let data = disk.path().join("data");
     let host = EmbeddedHost::start(HOST, &manifest, &data, scratch.path(), &[]);
     host.wait_ready(Duration::from_secs(60)).await;

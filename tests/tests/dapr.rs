@@ -238,6 +238,8 @@ async fn a_store_or_sidecar_outage_is_answered_retry_and_nothing_runs_unguarded(
         assert_eq!(response.status(), 200, "an event route never answers an error status");
         response.json::<Value>().await.unwrap()
     };
+    // Every warm-up event settled first: nothing else can run meanwhile.
+    stack.redis.as_ref().unwrap().wait_drained("orders", "outage", Duration::from_secs(60));
     let processed_before = handler_counts(app_port, "orders").await["processed"].clone();
 
     stack.redis.take(); // the state store's Redis goes away
@@ -362,12 +364,14 @@ async fn a_topic_added_at_runtime_is_delivered_through_a_streaming_subscription(
 }
 
 /// The cost model's first term: how many sidecar calls the host makes for
-/// one event that writes state and publishes once (docs/BENCHMARKS.md):
-/// claim (1); tenant commit lock (1); claim, lock and written keys' ETags
-/// (1); the done record (1); the writes (1); the lock back (1); the
-/// publish (1); the done record without its outbox (read and write, 2).
+/// one event that writes one state key and publishes once
+/// (docs/BENCHMARKS.md): claim (1); the key's commit lock (1); claim, lock
+/// and key ETags in one read (1); the done record (1); the write (1); the
+/// lock back (1); the publish (1); the done record without its outbox (read
+/// and write, 2). A lock that is busy costs a read more; so the bound, not an
+/// exact count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_with_one_publish_costs_nine_sidecar_calls() {
+async fn an_event_with_one_publish_costs_at_most_ten_sidecar_calls() {
     let stack = Stack::start("calls", &manifest(r#"publish_topics = ["task-audit"]"#, &[
         ("orders", guests::RECORDER, "orders", ""),
         ("task-created", guests::TASK_CREATED, "task-created", ""),
@@ -391,5 +395,5 @@ async fn an_event_with_one_publish_costs_nine_sidecar_calls() {
     // The test's own publishes are not the host's.
     let host_calls = total - EVENTS;
     eprintln!("sidecar calls for {EVENTS} events: {by_call:?}");
-    assert_eq!(host_calls, 9 * EVENTS, "calls per event: {by_call:?}");
+    assert!(host_calls <= 10 * EVENTS, "{host_calls} calls for {EVENTS} events: {by_call:?}");
 }

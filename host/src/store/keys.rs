@@ -50,10 +50,10 @@ pub fn dapr_state_key(tenant: &str, key: &str) -> String {
     format!("wasmsub|state|{}:{tenant}|{key}", tenant.len())
 }
 
-/// The Dapr state key of a tenant's commit lock (stores without atomic
-/// multi-key transactions serialise a tenant's state commits with it).
-pub fn dapr_lock_key(tenant: &str) -> String {
-    format!("wasmsub|lock|{}:{tenant}", tenant.len())
+/// The Dapr state key of the commit lock on a tenant's state key (stores
+/// without atomic multi-key transactions serialise commits per key with it).
+pub fn dapr_lock_key(tenant: &str, key: &str) -> String {
+    format!("wasmsub|lock|{}:{tenant}|{key}", tenant.len())
 }
 
 #[cfg(test)]

@@ -7,17 +7,18 @@
 //! (the ETag no longer matches), and a host that dies after the commit point
 //! leaves everything needed to finish the job.
 //!
-//! An event with state reads or writes commits under its tenant's commit
-//! lock ([`super::tenant_lock`]): the reads are validated (each key's ETag is
-//! still the one the attempt saw), the done record is written, then the
-//! writes are applied, each checked against the ETag read under the lock.
+//! An event with state reads or writes commits holding the commit locks of
+//! those keys ([`super::key_locks`]): the reads are validated (each key's
+//! ETag is still the one the attempt saw), the done record is written, then
+//! the writes are applied, each checked against the ETag read under the lock.
 
 use std::collections::BTreeSet;
+
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::tenant_lock::TenantLock;
+use super::key_locks::HeldLocks;
 use super::{DaprStore, StoredClaim, to_value, unavailable, values};
 use crate::clock;
 use crate::pipeline::effects::StateWrite;
@@ -57,20 +58,21 @@ impl DaprStore {
             self.write_done(&record_key, &commit, None, claim_etag).await?;
             return Ok(self.remember_outbox(&record_key, commit.outbox));
         }
-        let mut lock = self.lock_tenant(commit.tenant, &record_key).await?;
-        match self.commit_locked(&record_key, &commit, &mut lock).await {
+        let touched: BTreeSet<String> = commit.reads.iter().map(|(key, _)| key.clone()).chain(commit.state_writes.iter().map(|(key, _)| key.clone())).collect();
+        let mut locks = self.lock_keys(commit.tenant, &touched, &record_key).await?;
+        match self.commit_locked(&record_key, &commit, &mut locks).await {
             Ok(applied) => {
                 if applied {
-                    self.unlock_tenant(lock).await;
+                    self.unlock(locks).await;
                 } else {
-                    // Committed, not applied: the lock stays until it
-                    // expires, and the next holder rolls the writes forward.
-                    tracing::warn!(event = %commit.claim.key, "state writes committed but not yet applied; the next commit of the tenant applies them");
+                    // Committed, not applied: the locks stay until they
+                    // expire, and the next holder rolls the writes forward.
+                    tracing::warn!(event = %commit.claim.key, "state writes committed but not yet applied; the next commit on their keys applies them");
                 }
                 Ok(self.remember_outbox(&record_key, commit.outbox))
             }
             Err(error) => {
-                self.unlock_tenant(lock).await;
+                self.unlock(locks).await;
                 Err(error)
             }
         }
@@ -83,17 +85,17 @@ impl DaprStore {
         Ok(etag)
     }
 
-    /// Validates, commits and applies under the tenant's lock. `Ok(false)`:
+    /// Validates, commits and applies under the keys' locks. `Ok(false)`:
     /// committed, but the writes could not be applied (yet).
-    async fn commit_locked(&self, record_key: &str, commit: &Commit<'_>, lock: &mut TenantLock) -> Result<bool, StoreError> {
+    async fn commit_locked(&self, record_key: &str, commit: &Commit<'_>, locks: &mut HeldLocks) -> Result<bool, StoreError> {
         let writes = CommittedWrites::of(commit.tenant, commit.state_writes);
         let read_keys: Vec<String> = commit.reads.iter().map(|(key, _)| keys::dapr_state_key(commit.tenant, key)).collect();
         let written_keys = writes.as_ref().map(CommittedWrites::store_keys).unwrap_or_default();
         // One read: the claim, every key read (to validate), every key
-        // written (its ETag fences the write), and the lock (its ETag gives
-        // it back).
-        let wanted: Vec<String> = [record_key.to_owned(), lock.key.clone()]
-            .into_iter()
+        // written (its ETag fences the write), and the locks (their ETags
+        // give them back).
+        let wanted: Vec<String> = std::iter::once(record_key.to_owned())
+            .chain(locks.0.iter().map(|lock| lock.record.clone()))
             .chain(read_keys.iter().cloned())
             .chain(written_keys.iter().cloned())
             .collect::<BTreeSet<_>>()
@@ -104,7 +106,9 @@ impl DaprStore {
             let index = wanted.binary_search_by(|k| k.as_str().cmp(key)).expect("every key was asked for");
             current[index].as_ref().and_then(|(_, etag)| etag.clone())
         };
-        lock.etag = etag_of(&lock.key);
+        for lock in &mut locks.0 {
+            lock.etag = etag_of(&lock.record);
+        }
         let claim_index = wanted.binary_search_by(|k| k.as_str().cmp(record_key)).expect("the claim was asked for");
         let claimed = match &current[claim_index] {
             Some((value, _)) => serde_json::from_value::<StoredClaim>(value.clone()).ok(),
@@ -166,17 +170,25 @@ impl DaprStore {
         self.sidecar.transaction(&self.store_name, &operations).await.map_err(unavailable)
     }
 
-    /// Applies the writes of `record_key`'s commit if it committed (its
-    /// holder died between the commit point and applying them). Runs under
-    /// the tenant's lock; applying them again is harmless (same values).
-    pub(super) async fn roll_forward(&self, record_key: &str) -> Result<(), StoreError> {
+    /// Applies `record_key`'s write of `namespace`'s `key`, if that commit
+    /// happened and wrote it (its holder died between the commit point and
+    /// applying it). Runs under the key's lock; applying it again is
+    /// harmless (the same value).
+    pub(super) async fn roll_forward(&self, record_key: &str, namespace: &str, key: &str) -> Result<(), StoreError> {
         let Some((stored, _)) = self.load(record_key).await? else { return Ok(()) };
         let (Record::Done { .. }, Some(writes)) = (&stored.record, &stored.writes) else { return Ok(()) };
-        let written_keys = writes.store_keys();
-        let current = self.sidecar.get_bulk(&self.store_name, &written_keys).await.map_err(unavailable)?;
+        if writes.namespace != namespace {
+            return Ok(());
+        }
+        let entries: Vec<_> = writes.entries.iter().filter(|(k, _)| k == key).cloned().collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let only = CommittedWrites { namespace: namespace.to_owned(), entries };
+        let current = self.sidecar.get_bulk(&self.store_name, &only.store_keys()).await.map_err(unavailable)?;
         let etags: Vec<Option<String>> = current.into_iter().map(|c| c.and_then(|(_, etag)| etag)).collect();
-        self.apply(writes, &etags).await?;
-        tracing::info!(event = record_key, keys = writes.entries.len(), "rolled a committed event's state writes forward");
+        self.apply(&only, &etags).await?;
+        tracing::info!(event = record_key, "rolled a committed event's state write forward");
         Ok(())
     }
 }

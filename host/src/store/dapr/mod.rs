@@ -9,8 +9,8 @@
 //!   expired (taken over with its ETag), or the store being down.
 //! - A finished event is one compare-and-set of the claim record into a
 //!   done record carrying the attempt's writes and outbox; the writes are
-//!   applied after it (see [`commit`]), under the tenant's commit lock when
-//!   there are reads to validate or writes to apply (see [`tenant_lock`]).
+//!   applied after it (see [`commit`]), holding the commit locks of the
+//!   keys read or written (see [`key_locks`]).
 //! - Dapr's state API cannot list keys, so the outbox travels inside the
 //!   done record: the pipeline publishes it right after the commit, and a
 //!   redelivery that finds a done record with unpublished entries publishes
@@ -21,7 +21,7 @@
 //! - Tenant state lives under [`keys::dapr_state_key`].
 
 mod commit;
-mod tenant_lock;
+mod key_locks;
 mod values;
 
 use std::collections::{BTreeMap, HashSet};
@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use commit::CommittedWrites;
-use tenant_lock::LocalTurns;
+use key_locks::LocalTurns;
 
 use super::claim::{self, Claim, ClaimToken, Record};
 use super::keys::{self, DedupeKey};
@@ -136,19 +136,25 @@ impl DaprStore {
         }
     }
 
-    /// If `record_key`'s commit may still be unapplied (its tenant lock is
-    /// still held in its name), when that lock expires; an expired one is
-    /// taken over here, which rolls the writes forward.
-    async fn unapplied_commit(&self, namespace: &str, record_key: &str) -> Result<Option<u64>, StoreError> {
-        let Some((lock, _)) = self.load_lock(namespace).await? else { return Ok(None) };
-        if !lock.covers(record_key) {
-            return Ok(None);
+    /// If `record_key`'s commit may still be unapplied (a lock on one of
+    /// its keys is still held in its name), when that lock expires; expired
+    /// ones are taken over here, which rolls the writes forward.
+    async fn unapplied_commit(&self, writes: &CommittedWrites, record_key: &str) -> Result<Option<u64>, StoreError> {
+        let mut stale = std::collections::BTreeSet::new();
+        for (key, _) in &writes.entries {
+            let Some((lock, _)) = self.load_lock(&writes.namespace, key).await? else { continue };
+            if !lock.covers(record_key) {
+                continue;
+            }
+            if !lock.expired(self.clock.now_ms()) {
+                return Ok(Some(lock.until_ms()));
+            }
+            stale.insert(key.clone());
         }
-        if !lock.expired(self.clock.now_ms()) {
-            return Ok(Some(lock.until_ms()));
+        if !stale.is_empty() {
+            let held = self.lock_keys(&writes.namespace, &stale, record_key).await?;
+            self.unlock(held).await;
         }
-        let held = self.lock_tenant(namespace, record_key).await?;
-        self.unlock_tenant(held).await;
         Ok(None)
     }
 
@@ -157,7 +163,7 @@ impl DaprStore {
         let record_key = keys::dapr_claim_key(encoded);
         let (answer, record) = claim::decide_claim(encoded, Some(&stored.record), self.clock.now_ms(), lease, claim::new_token());
         if let (Claim::AlreadyDone(_), Some(writes)) = (&answer, &stored.writes)
-            && let Some(lease_until_ms) = self.unapplied_commit(&writes.namespace, &record_key).await?
+            && let Some(lease_until_ms) = self.unapplied_commit(writes, &record_key).await?
         {
             // Committed by a host that died before applying the writes, and
             // its tenant lock has not expired yet: ask for a redelivery,
