@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.parse
 
-from run import Processes, free_port, http, wait_until
+from run import Processes, free_port, http, start_redis, wait_until
 
 TOKEN = "bench-admin-token"
 
@@ -134,14 +134,7 @@ def main():
     procs = Processes(work)
     rows = []
     try:
-        redis_port = free_port()
-        procs.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(redis_port), "ping"], capture_output=True).stdout.strip() == b"PONG", "redis")
-        components = os.path.join(work, "components")
-        os.makedirs(components)
-        for name in ("pubsub.yaml", "statestore.yaml", "resiliency.yaml"):
-            text = open(os.path.join(args.repo, "components", name)).read().replace("localhost:6379", f"127.0.0.1:{redis_port}")
-            open(os.path.join(components, name), "w").write(text)
+        redis_port, components = start_redis(procs, work, args.repo)
         binaries = [("this build", args.wasmsub)] + ([("baseline", args.baseline)] if args.baseline else [])
         for backend in ("embedded", "dapr"):
             for keys in ("distinct keys", "one hot key"):

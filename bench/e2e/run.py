@@ -89,6 +89,20 @@ def cloud_event(event_id, task_id):
     })
 
 
+def start_redis(procs, work, repo):
+    """A Redis for the run, and the repository's Dapr components pointed at
+    it (in work/components). Returns (redis port, components directory)."""
+    redis_port = free_port()
+    procs.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    wait_until(lambda: subprocess.run(["redis-cli", "-p", str(redis_port), "ping"], capture_output=True).stdout.strip() == b"PONG", "redis")
+    components = os.path.join(work, "components")
+    os.makedirs(components)
+    for name in ("pubsub.yaml", "statestore.yaml", "resiliency.yaml"):
+        text = open(os.path.join(repo, "components", name)).read().replace("localhost:6379", f"127.0.0.1:{redis_port}")
+        open(os.path.join(components, name), "w").write(text)
+    return redis_port, components
+
+
 class Variant:
     def __init__(self, name, state_key, start):
         self.name, self.state_key, self.start = name, state_key, start
@@ -174,14 +188,7 @@ def main():
     work = tempfile.mkdtemp(prefix="wasmsub-bench-")
     procs = Processes(work)
     try:
-        redis_port = free_port()
-        procs.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(redis_port), "ping"], capture_output=True).stdout.strip() == b"PONG", "redis")
-        components = os.path.join(work, "components")
-        os.makedirs(components)
-        for name in ("pubsub.yaml", "statestore.yaml", "resiliency.yaml"):
-            text = open(os.path.join(args.repo, "components", name)).read().replace("localhost:6379", f"127.0.0.1:{redis_port}")
-            open(os.path.join(components, name), "w").write(text)
+        redis_port, components = start_redis(procs, work, args.repo)
 
         def wasmsub(bulk):
             def start(procs, app_port, http_port, grpc_port, work):
