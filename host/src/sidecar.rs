@@ -216,13 +216,6 @@ impl Sidecar {
         Ok(keys.iter().map(|key| by_key.remove(key).flatten()).collect())
     }
 
-    /// Deletes `key` if its ETag is still `etag`.
-    pub async fn delete_state(&self, store: &str, key: &str, etag: &str) -> Result<(), SidecarError> {
-        let url = format!("{}/v1.0/state/{}/{}", self.base, path_segment(store), path_segment(key));
-        let request = self.http.delete(&url).header(reqwest::header::IF_MATCH, etag).query(&[("concurrency", "first-write")]);
-        self.send(url, request).await.map(drop)
-    }
-
     /// Applies `operations` as one state transaction (atomic only where the
     /// store makes it so: Redis applies the operations whose ETag checks
     /// pass even when another's fails).

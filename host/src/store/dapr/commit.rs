@@ -102,23 +102,20 @@ impl DaprStore {
             .into_iter()
             .collect();
         let current = self.sidecar.get_bulk(&self.store_name, &wanted).await.map_err(unavailable)?;
-        let etag_of = |key: &str| -> Option<String> {
+        // What the bulk read returned for `key` (`None`: absent); an absent
+        // key has no ETag.
+        let entry = |key: &str| {
             let index = wanted.binary_search_by(|k| k.as_str().cmp(key)).expect("every key was asked for");
-            current[index].as_ref().and_then(|(_, etag)| etag.clone())
+            current[index].as_ref()
         };
+        let etag_of = |key: &str| entry(key).and_then(|(_, etag)| etag.clone());
         for lock in &mut locks.0 {
             lock.etag = etag_of(&lock.record);
         }
-        let claim_index = wanted.binary_search_by(|k| k.as_str().cmp(record_key)).expect("the claim was asked for");
-        let claimed = match &current[claim_index] {
-            Some((value, _)) => serde_json::from_value::<StoredClaim>(value.clone()).ok(),
-            None => None,
-        };
+        let claimed = entry(record_key).and_then(|(value, _)| serde_json::from_value::<StoredClaim>(value.clone()).ok());
         claim::check_owner(claimed.as_ref().map(|c| &c.record), commit.claim)?;
         for ((key, seen), store_key) in commit.reads.iter().zip(&read_keys) {
-            let exists = current[wanted.binary_search(store_key).expect("asked for")].is_some();
-            let now = if exists { etag_of(store_key) } else { None };
-            if now != *seen {
+            if etag_of(store_key) != *seen {
                 return Err(StoreError::Conflict(key.clone()));
             }
         }
