@@ -27,6 +27,7 @@ use crate::control::registry::Registry;
 use crate::control::watch;
 use crate::delivery::{Delivery, Door};
 use crate::manifest::Manifest;
+use crate::metrics::Metrics;
 use crate::outbox::Publisher;
 use crate::outbox::relay::{self, RelayTrigger};
 use crate::pipeline::dead_letter::DeadLetter;
@@ -34,7 +35,7 @@ use crate::pipeline::outcome::DaprStatus;
 use crate::pipeline::flow::FlowControl;
 use crate::pipeline::{EventReport, Pipeline, PipelineParts};
 use crate::runtime::{EngineConfig, Runtime};
-use crate::server::{self, admin::AdminState, health::HealthState};
+use crate::server::{self, admin::AdminState, health::HealthState, metrics::MetricsState};
 use crate::sidecar::Sidecar;
 use crate::store::{DaprStore, DeliveryStore, EmbeddedOptions, EmbeddedStore, MemoryQueue, MessageQueue, QueueLimits};
 use crate::transport::dapr_streaming::StreamingSubscriptions;
@@ -133,6 +134,8 @@ pub struct Host {
     deployer: Deployer,
     admin_token: Option<Arc<str>>,
     health: HealthState,
+    metrics: Arc<Metrics>,
+    runtime: Runtime,
     tasks: TaskTracker,
     /// Cancelled when the host stops: the door refuses, the dispatcher
     /// stops taking, retries waiting give their events back, background
@@ -195,6 +198,7 @@ impl Host {
             }
         };
         let relay_trigger = RelayTrigger::default();
+        let metrics = Arc::new(Metrics::new());
         let pipeline = Arc::new(Pipeline::new(PipelineParts {
             store: store.clone(),
             runtime: runtime.clone(),
@@ -204,6 +208,7 @@ impl Host {
             clock: options.clock.clone(),
             stopping: stopping.clone(),
             flow: FlowControl::new(embedded.as_ref().map(|(_, queue, _)| queue.index().clone())),
+            metrics: metrics.clone(),
         }));
         let door = Arc::new(Door::new(registry.clone(), pipeline.clone(), max_in_flight, stopping.clone()));
         let budget = Arc::new(MemoryBudget::compute(manifest, &registry, &BudgetInputs {
@@ -229,14 +234,14 @@ impl Host {
         });
         tasks.spawn(relay::run(store.clone(), publisher, relay_trigger.clone(), stopping.clone()));
         tasks.spawn(purge_expired(store, stopping.clone()));
-        let deployer = Deployer::new(registry.clone(), runtime);
+        let deployer = Deployer::new(registry.clone(), runtime.clone(), metrics.clone());
         if options.watch {
             tasks.spawn(watch::start(registry.clone(), deployer.clone(), stopping.clone())?);
         }
         // Entries a previous run committed but did not publish go out now.
         relay_trigger.poke();
         let admin_token = options.admin_token.as_deref().map(Arc::from);
-        Ok(Self { registry, pipeline, door, broker, deployer, admin_token, health, tasks, stopping })
+        Ok(Self { registry, pipeline, door, broker, deployer, admin_token, health, metrics, runtime, tasks, stopping })
     }
 
     /// Behind Dapr: topics that handlers deployed at runtime need are
@@ -263,7 +268,8 @@ impl Host {
         if let Some(broker) = &self.broker {
             transports = transports.merge(publish_api::routes(broker.clone()));
         }
-        server::router(admin, self.health.clone(), transports)
+        let metrics = MetricsState { metrics: self.metrics.clone(), health: self.health.clone(), runtime: self.runtime.clone() };
+        server::router(admin, self.health.clone(), metrics, transports)
     }
 
     /// Publishes through the embedded broker's publish API (as
@@ -318,6 +324,16 @@ impl Host {
     pub fn queued_publishes_of(&self, tenant: &str) -> usize {
         let origin = Some(std::sync::Arc::from(tenant));
         self.health.queue.as_ref().map_or(0, |(queue, _, _)| queue.index().with(|index| index.backlog(&origin).0))
+    }
+
+    /// The host's Prometheus metrics, as `GET /metrics` serves them.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode()
+    }
+
+    /// The memory the configuration lets the host use (`budget.rs`).
+    pub fn memory_bound(&self) -> &MemoryBudget {
+        &self.health.budget
     }
 
     /// Why the host cannot take events now (empty: it can).

@@ -16,7 +16,7 @@
 //! - [`outbox`]: where committed messages go, and the relay that retries them.
 //!
 //! Around it: [`control`] (handlers, versions, deploys), [`manifest`] (the
-//! `wasmsub.toml` file), [`server`] (HTTP), [`host`] (assembly), [`clock`]
+//! `wasmsub.toml` file), [`metrics`] (Prometheus), [`server`] (HTTP), [`host`] (assembly), [`clock`]
 //! (the time seam tests control), [`sidecar`] (Dapr's HTTP API), [`text`]
 //! (escaping what others wrote) and [`cli`] (the command's client and demo).
 #![deny(missing_docs)]
@@ -32,6 +32,7 @@ mod faults;
 pub mod fuzzing;
 mod host;
 pub mod manifest;
+pub mod metrics;
 mod outbox;
 pub mod pipeline;
 pub mod runtime;

@@ -45,6 +45,10 @@ enum Command {
         /// Tenants to load for the memory figure.
         #[arg(long, default_value_t = 1_000)]
         tenants: usize,
+        /// How long the quiet tenant is measured alone, and again beside
+        /// a self-publishing loop.
+        #[arg(long, default_value_t = 60)]
+        loop_seconds: u64,
     },
     /// A mixed load against a running host for a while, one line a minute
     /// (memory, publish latency, errors): scripts/soak.sh runs it.
@@ -82,8 +86,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Echo { component, events } => echo::run(&component, events, &mut out).await,
-            Command::Tenants { guests, events, tenants } => {
+            Command::Tenants { guests, events, tenants, loop_seconds } => {
                 tenants::noisy_neighbour(&guests, events, &mut out).await?;
+                tenants::self_publishing_neighbour(&guests, loop_seconds, &mut out).await?;
                 tenants::many_tenants(&guests, tenants, &mut out).await
             }
             Command::Swap { guests, handlers } => swap::run(&guests, handlers, &mut out).await,

@@ -162,3 +162,69 @@ fn resident_bytes() -> u64 {
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
 }
+
+/// Tenant `acme`'s latency (publish to settled, through the embedded broker
+/// and its durable store) alone, and beside a tenant whose handler publishes
+/// 64 messages to its own topic for every event it gets: a loop that never
+/// ends on its own, held only by its flow quotas. Each side runs for
+/// `seconds`; the bench process's resident memory is taken as the loop runs.
+pub async fn self_publishing_neighbour(guests: &Path, seconds: u64, out: &mut impl Write) -> anyhow::Result<()> {
+    let guests = &guests.canonicalize().with_context(|| format!("finding the guests in {}", guests.display()))?;
+    let text = format!(
+        "[[tenant]]\nname = \"flood\"\nlimits = {{ publish_topics = [\"loop\"], max_queued_publishes = 256, max_publish_rate = 2000 }}\n\
+         [[tenant.handler]]\nname = \"looper\"\ncomponent = {:?}\ntopic = \"loop\"\n\n\
+         [[tenant]]\nname = \"acme\"\n[[tenant.handler]]\nname = \"quiet\"\ncomponent = {:?}\ntopic = \"orders\"\n",
+        guests.join("self_publisher.wasm"),
+        guests.join("echo.wasm"),
+    );
+    let mut host = wasmsub_tests::TestHost::start(&text).await?;
+    let phase = Duration::from_secs(seconds);
+    settled_latencies(&mut host, Duration::from_secs(1), "warm").await?;
+    let alone = settled_latencies(&mut host, phase, "alone").await?;
+    let rss_before = resident_bytes();
+    host.publish("loop", &json!({"specversion": "1.0", "id": "spark", "source": "bench", "type": "t", "data": {}})).await?;
+    let beside = settled_latencies(&mut host, phase, "beside").await?;
+    let (rss_after, queued) = (resident_bytes(), host.host.queued_publishes_of("flood"));
+    let bound = host.host.memory_bound().total;
+    host.host.shutdown().await;
+
+    writeln!(out, "\ntenant `acme` (echo, published to the embedded broker, durable store), sequential events for {seconds} s each\n")?;
+    writeln!(out, "| {:<58} | {:>7} | {:>9} | {:>9} |", "", "events", "p50", "p99")?;
+    writeln!(out, "|{:-<60}|{:->9}|{:->11}|{:->11}|", "", "", "", "")?;
+    for (label, run) in [("alone", &alone), ("beside a self-publishing loop (64 x 1 KiB per event)", &beside)] {
+        writeln!(out, "| {:<58} | {:>7} | {:>9} | {:>9} |", label, run.samples, fmt(run.p50), fmt(run.p99))?;
+    }
+    writeln!(out, "\nacme p50 {:.2}x, p99 {:.2}x of alone; the loop settled {} events meanwhile and had {queued} publishes queued \
+        at the end (quota 256); resident memory (the bench process) {} MiB when the loop started, {} MiB after {seconds} s, \
+        the host's configured bound {} MiB",
+        ratio(beside.p50, alone.p50), ratio(beside.p99, alone.p99), beside.others, rss_before >> 20, rss_after >> 20, bound >> 20)?;
+    Ok(())
+}
+
+/// Latencies of one phase, and how many other events settled meanwhile.
+struct Phase {
+    samples: usize,
+    p50: Duration,
+    p99: Duration,
+    others: usize,
+}
+
+/// Publishes events to `orders` one after another for `length`, timing
+/// each from its publish to its settled report.
+async fn settled_latencies(host: &mut wasmsub_tests::TestHost, length: Duration, label: &str) -> anyhow::Result<Phase> {
+    let mut samples = Vec::new();
+    let mut others = 0;
+    let started = Instant::now();
+    while started.elapsed() < length {
+        let id = format!("{label}-{}", samples.len());
+        let sent = Instant::now();
+        host.publish("orders", &json!({"specversion": "1.0", "id": id, "source": "bench", "type": "t", "data": {}})).await?;
+        while host.next_settled().await.event_id != id {
+            others += 1;
+        }
+        samples.push(sent.elapsed());
+    }
+    samples.sort();
+    let n = samples.len();
+    Ok(Phase { samples: n, p50: samples[n / 2], p99: samples[n * 99 / 100], others })
+}

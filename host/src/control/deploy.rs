@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use super::registry::{AddError, Handler, Registry, Tenant};
 use crate::manifest::HandlerConfig;
+use crate::metrics::Metrics;
 use crate::runtime::{HandlerComponent, LoadError, Runtime};
 
 /// Why a deploy or rollback was refused; the serving version is unchanged.
@@ -108,13 +109,14 @@ pub struct Deployer {
     runtime: Runtime,
     on_new_topic: Option<TopicHook>,
     events: tokio::sync::broadcast::Sender<DeployEvent>,
+    metrics: Arc<Metrics>,
 }
 
 impl Deployer {
     /// A deployer for `registry`'s handlers, compiling with `runtime`.
-    pub(crate) fn new(registry: Arc<Registry>, runtime: Runtime) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>, runtime: Runtime, metrics: Arc<Metrics>) -> Self {
         let (events, _) = tokio::sync::broadcast::channel(DEPLOY_EVENT_BUFFER);
-        Self { registry, runtime, on_new_topic: None, events }
+        Self { registry, runtime, on_new_topic: None, events, metrics }
     }
 
     /// Every later deploy and rollback, accepted or refused.
@@ -126,6 +128,13 @@ impl Deployer {
         if let Err(error) = result {
             tracing::warn!(tenant, handler, origin = %origin.display(), %error, "deploy refused; the serving version is unchanged");
         }
+        // A rollback names no origin: it goes back to a version already held.
+        let action = match result {
+            Err(_) => "refused",
+            Ok(_) if origin.as_os_str().is_empty() => "rollback",
+            Ok(_) => "deploy",
+        };
+        self.metrics.deploy(tenant, handler, action);
         let _ = self.events.send(DeployEvent {
             tenant: tenant.to_owned(),
             handler: handler.to_owned(),

@@ -132,6 +132,7 @@ impl Pipeline {
                 Err(error) => Err(error),
             };
             if let Err(error) = published {
+                self.metrics.store_error("publish");
                 self.relay.poke();
                 return Err(format!("effects committed; publishing to `{}` failed (the relay retries it): {error:#}", message.topic));
             }
@@ -145,7 +146,10 @@ impl Pipeline {
             // Dead letters read nothing; a success's conflict is handled by
             // its caller before it gets here.
             StoreError::Conflict(key) => self.defer(token, format!("state key `{key}` changed under the commit")).await,
-            StoreError::Unavailable(_) => self.defer(token, format!("cannot commit: {error}")).await,
+            StoreError::Unavailable(_) => {
+                self.metrics.store_error("commit");
+                self.defer(token, format!("cannot commit: {error}")).await
+            }
         }
     }
 

@@ -52,7 +52,13 @@ impl Pipeline {
             max_state_bytes: tenant.limits.max_state_bytes,
             max_state_keys: tenant.limits.max_state_keys,
         };
+        let started = std::time::Instant::now();
         let result = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt)).await;
+        let limit = match &result {
+            AttemptResult::Trapped { limit, .. } => limit.map(|l| l.label()),
+            _ => None,
+        };
+        self.metrics.attempt(&tenant.name, &handler.name, &component.label, result.label(), limit, started.elapsed());
         Attempt { result, component: Some(component), slot: Some(slot) }
     }
 }

@@ -29,6 +29,7 @@ use crate::clock::SharedClock;
 use crate::cloudevent::CloudEvent;
 use crate::control::registry::{Handler, HandlerCounts};
 use crate::manifest::IdempotencyConfig;
+use crate::metrics::Metrics;
 use crate::outbox::Publisher;
 use crate::outbox::relay::RelayTrigger;
 use crate::runtime::{AttemptResult, HandlerComponent, Runtime};
@@ -50,6 +51,9 @@ pub use retry::{Backoff, RetryPolicy};
 /// goes back to the broker: a hot key under heavy contention still makes
 /// progress, and a livelock cannot hold a claim for ever.
 const MAX_CONFLICT_RERUNS: u32 = 16;
+
+/// The version label of a delivery no attempt ran for.
+static NO_VERSION: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
 
 /// Reports buffered for slow subscribers (the demo, tests); older ones are
 /// skipped rather than slowing the pipeline.
@@ -93,6 +97,8 @@ pub(crate) struct PipelineParts {
     pub stopping: CancellationToken,
     /// Per-tenant publish quotas.
     pub flow: flow::FlowControl,
+    /// Where deliveries and attempts are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The stages, in order, for one event and one handler.
@@ -105,6 +111,7 @@ pub(crate) struct Pipeline {
     clock: SharedClock,
     stopping: CancellationToken,
     flow: flow::FlowControl,
+    metrics: Arc<Metrics>,
     dead_letters: DeadLetterLog,
     reports: broadcast::Sender<EventReport>,
 }
@@ -116,6 +123,8 @@ struct InFlight<'a> {
     component: Option<Arc<HandlerComponent>>,
     event_id: String,
     topic: String,
+    /// When the delivery reached the pipeline.
+    started: std::time::Instant,
 }
 
 impl InFlight<'_> {
@@ -137,6 +146,7 @@ impl Pipeline {
             clock: parts.clock,
             stopping: parts.stopping,
             flow: parts.flow,
+            metrics: parts.metrics,
             dead_letters: DeadLetterLog::default(),
             reports,
         }
@@ -170,7 +180,7 @@ impl Pipeline {
     /// topic byte for byte.
     pub async fn reject(&self, handler: &Arc<Handler>, body: &[u8], content_type: Option<&str>, rejection: Rejection) -> Outcome {
         let (event_id, original) = dead_letter::envelope_for_malformed(body, content_type);
-        let flight = InFlight { handler, component: None, event_id, topic: handler.config.topic.clone() };
+        let flight = InFlight { handler, component: None, event_id, topic: handler.config.topic.clone(), started: std::time::Instant::now() };
         let span = event_span(&flight);
         async {
             let outcome = self.dead_letter_unclaimed(&flight, &original, rejection.to_string()).await;
@@ -182,7 +192,13 @@ impl Pipeline {
 
     /// Handles one parsed event for `handler`.
     pub async fn process(&self, handler: &Arc<Handler>, event: &CloudEvent) -> Outcome {
-        let mut flight = InFlight { handler, component: None, event_id: event.id.clone(), topic: event.topic.clone() };
+        let mut flight = InFlight {
+            handler,
+            component: None,
+            event_id: event.id.clone(),
+            topic: event.topic.clone(),
+            started: std::time::Instant::now(),
+        };
         let derived = dedupe::event_id(event, handler.config.id_mode);
         if let Ok(id) = &derived {
             flight.event_id = id.clone();
@@ -246,7 +262,7 @@ impl Pipeline {
                     return self.dead_letter(flight, &token, &event.original, format!("dropped by handler: {reason}"), attempt).await;
                 }
                 AttemptResult::Infrastructure(reason) => return self.defer(&token, reason).await,
-                AttemptResult::GuestRetry(reason) | AttemptResult::Trapped(reason) => reason,
+                AttemptResult::GuestRetry(reason) | AttemptResult::Trapped { reason, .. } => reason,
             };
             drop(slot);
             if !policy.has_attempt_after(attempt) {
@@ -285,7 +301,10 @@ impl Pipeline {
                 self.relay.poke();
                 Err(Outcome::Deferred { reason: "the event is done; its committed publishes are being relayed".into() })
             }
-            Err(error) => Err(Outcome::Deferred { reason: format!("cannot claim the event: {error}") }),
+            Err(error) => {
+                self.metrics.store_error("claim");
+                Err(Outcome::Deferred { reason: format!("cannot claim the event: {error}") })
+            }
         }
     }
 
@@ -306,6 +325,9 @@ impl Pipeline {
             Outcome::InFlightElsewhere | Outcome::Deferred { .. } | Outcome::Throttled { .. } => &counts.deferred,
         });
         let version = flight.component.as_ref().map_or("", |c| c.short_version());
+        let tenant = &flight.handler.tenant.name;
+        let label = flight.component.as_ref().map_or_else(|| NO_VERSION.clone(), |c| c.label.clone());
+        self.metrics.delivery(tenant, &flight.handler.name, &label, outcome.label(), flight.started.elapsed());
         match &outcome {
             Outcome::Processed { attempts } => {
                 tracing::info!(outcome = outcome.label(), messaging.attempt = attempts, handler.version = %version, "event processed")

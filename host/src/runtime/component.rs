@@ -20,13 +20,15 @@ pub struct HandlerComponent {
     pub path: PathBuf,
     /// Bytes of compiled code this version keeps in memory.
     pub code_bytes: usize,
+    /// The short version, shared (a metrics label, cloned per event).
+    pub label: std::sync::Arc<str>,
     pub(super) pre: HandlerPre<AttemptState>,
 }
 
 impl HandlerComponent {
     /// The first 12 hex digits of the version, for logs.
     pub fn short_version(&self) -> &str {
-        &self.version[..12]
+        &self.label
     }
 }
 
@@ -92,5 +94,6 @@ pub fn from_bytes(
     let code_bytes = (image.end as usize).saturating_sub(image.start as usize);
     let instance_pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
     let pre = HandlerPre::new(instance_pre).map_err(wrong_world)?;
-    Ok(HandlerComponent { version, path: path.to_owned(), code_bytes, pre })
+    let label = std::sync::Arc::from(&version[..12]);
+    Ok(HandlerComponent { version, path: path.to_owned(), code_bytes, label, pre })
 }

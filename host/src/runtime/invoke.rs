@@ -11,6 +11,7 @@ use super::component::HandlerComponent;
 use super::engine::deadline_ticks;
 use super::host_state::{AttemptContext, AttemptState};
 use crate::pipeline::effects::Effects;
+use super::limits::LimitHit;
 use crate::text::printable;
 
 /// A guest's `retry`/`drop` reason, and a trap's, is kept to this many bytes:
@@ -29,10 +30,68 @@ pub enum AttemptResult {
     GuestDrop(String),
     /// The guest trapped or hit a limit (CPU time, memory): retried within
     /// the budget like `GuestRetry`, with a reason naming what happened.
-    Trapped(String),
+    Trapped {
+        /// What happened, in words (with the guest's stderr).
+        reason: String,
+        /// The tenant limit that stopped it, if one did.
+        limit: Option<StoppedBy>,
+    },
     /// The host failed (store down, instance pool exhausted): not the
     /// guest's fault, so it does not use up an attempt.
     Infrastructure(String),
+}
+
+/// The tenant limit that stopped an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoppedBy {
+    /// `cpu_time`: epoch ticks while running wasm.
+    CpuTime,
+    /// `wall_time`: the attempt's whole length, blocked calls included.
+    WallTime,
+    /// `memory_mib`.
+    Memory,
+    /// `table_elements`.
+    Table,
+    /// `fuel`.
+    Fuel,
+    /// The wasm stack.
+    Stack,
+}
+
+impl StoppedBy {
+    /// The limit's name, as the manifest spells it.
+    pub fn label(self) -> &'static str {
+        match self {
+            StoppedBy::CpuTime => "cpu_time",
+            StoppedBy::WallTime => "wall_time",
+            StoppedBy::Memory => "memory",
+            StoppedBy::Table => "table",
+            StoppedBy::Fuel => "fuel",
+            StoppedBy::Stack => "stack",
+        }
+    }
+}
+
+impl From<LimitHit> for StoppedBy {
+    fn from(hit: LimitHit) -> Self {
+        match hit {
+            LimitHit::Memory { .. } => StoppedBy::Memory,
+            LimitHit::Table { .. } => StoppedBy::Table,
+        }
+    }
+}
+
+impl AttemptResult {
+    /// How the attempt ended, in one word (a metrics label).
+    pub fn label(&self) -> &'static str {
+        match self {
+            AttemptResult::Succeeded(_) => "success",
+            AttemptResult::GuestRetry(_) => "retry",
+            AttemptResult::GuestDrop(_) => "drop",
+            AttemptResult::Trapped { .. } => "trap",
+            AttemptResult::Infrastructure(_) => "infrastructure",
+        }
+    }
 }
 
 /// Runs one attempt on a fresh store and instance. The store is returned
@@ -70,7 +129,7 @@ pub async fn run_attempt(engine: &Engine, component: &HandlerComponent, ctx: Att
             let state = store.data_mut();
             let reason = with_stderr(format!("wall-clock limit {} exceeded", humantime::format_duration(wall_time)), state);
             forward_stdio(state);
-            AttemptResult::Trapped(cut(reason))
+            AttemptResult::Trapped { reason: cut(reason), limit: Some(StoppedBy::WallTime) }
         }
     };
     (result, store)
@@ -96,7 +155,10 @@ fn verdict(state: &mut AttemptState, answer: wasmtime::Result<Disposition>, cpu_
         Ok(Disposition::Success) => AttemptResult::Succeeded(std::mem::take(&mut state.effects)),
         Ok(Disposition::Retry(reason)) => AttemptResult::GuestRetry(cut(reason)),
         Ok(Disposition::Drop(reason)) => AttemptResult::GuestDrop(cut(reason)),
-        Err(error) => AttemptResult::Trapped(cut(trap_reason(&error, cpu_time, state))),
+        Err(error) => {
+            let (reason, limit) = trap_reason(&error, cpu_time, state);
+            AttemptResult::Trapped { reason: cut(reason), limit }
+        }
     }
 }
 
@@ -138,27 +200,27 @@ fn forward_stdio(state: &mut AttemptState) {
 /// guest's own start-up hit a limit or trapped.
 fn instantiate_failure(store: &Store<AttemptState>, error: wasmtime::Error) -> AttemptResult {
     if let Some(hit) = store.data().limits.hit {
-        return AttemptResult::Trapped(format!("instantiation failed: {hit}"));
+        return AttemptResult::Trapped { reason: format!("instantiation failed: {hit}"), limit: Some(hit.into()) };
     }
     if error.downcast_ref::<Trap>().is_some() {
-        return AttemptResult::Trapped(format!("instantiation trapped: {}", first_line(&error)));
+        return AttemptResult::Trapped { reason: format!("instantiation trapped: {}", first_line(&error)), limit: None };
     }
     AttemptResult::Infrastructure(format!("cannot instantiate: {error:#}"))
 }
 
 /// Names the limit or trap in words an operator can act on: the limit the
 /// limiter recorded, the trap's kind, then what the guest wrote to stderr
-/// (a panic message).
-fn trap_reason(error: &wasmtime::Error, cpu_time: Duration, state: &AttemptState) -> String {
-    let reason = match (state.limits.hit, error.downcast_ref::<Trap>()) {
-        (Some(hit), _) => hit.to_string(),
-        (None, Some(Trap::Interrupt)) => format!("cpu time limit {} exceeded", humantime::format_duration(cpu_time)),
-        (None, Some(Trap::OutOfFuel)) => format!("fuel limit {} exceeded", state.ctx.fuel.unwrap_or_default()),
-        (None, Some(Trap::StackOverflow)) => "stack overflow (wasm stack limit exceeded)".to_owned(),
-        (None, Some(trap)) => format!("guest trapped: {trap}"),
-        (None, None) => format!("guest failed: {}", first_line(error)),
+/// (a panic message). With the limit that stopped the guest, if one did.
+fn trap_reason(error: &wasmtime::Error, cpu_time: Duration, state: &AttemptState) -> (String, Option<StoppedBy>) {
+    let (reason, limit) = match (state.limits.hit, error.downcast_ref::<Trap>()) {
+        (Some(hit), _) => (hit.to_string(), Some(hit.into())),
+        (None, Some(Trap::Interrupt)) => (format!("cpu time limit {} exceeded", humantime::format_duration(cpu_time)), Some(StoppedBy::CpuTime)),
+        (None, Some(Trap::OutOfFuel)) => (format!("fuel limit {} exceeded", state.ctx.fuel.unwrap_or_default()), Some(StoppedBy::Fuel)),
+        (None, Some(Trap::StackOverflow)) => ("stack overflow (wasm stack limit exceeded)".to_owned(), Some(StoppedBy::Stack)),
+        (None, Some(trap)) => (format!("guest trapped: {trap}"), None),
+        (None, None) => (format!("guest failed: {}", first_line(error)), None),
     };
-    with_stderr(reason, state)
+    (with_stderr(reason, state), limit)
 }
 
 /// `reason`, followed by what the guest wrote to stderr (a panic message).

@@ -27,7 +27,7 @@ pub use bindings::{Disposition, Event, GuestLogLevel, HANDLER_WORLD};
 pub use component::{HandlerComponent, LoadError};
 pub use engine::EngineConfig;
 pub use host_state::AttemptContext;
-pub use invoke::AttemptResult;
+pub use invoke::{AttemptResult, StoppedBy};
 #[cfg(feature = "bench")]
 pub use invoke::ReusedInstance;
 
@@ -47,6 +47,7 @@ pub struct Runtime {
     /// One permit per instance slot: attempts beyond the pool wait here
     /// instead of failing to instantiate.
     slots: Arc<tokio::sync::Semaphore>,
+    slot_count: usize,
     linker: Arc<Linker<AttemptState>>,
     cache: Option<cache::CompileCache>,
     _ticker: Arc<engine::EpochTicker>,
@@ -64,7 +65,8 @@ impl Runtime {
         let ticker = engine::EpochTicker::start(engine.clone())?;
         let slots = Arc::new(tokio::sync::Semaphore::new(config.instance_slots as usize));
         let cache = config.cache_dir.as_deref().map(|dir| cache::CompileCache::new(dir, &engine));
-        Ok(Self { engine, slots, linker: Arc::new(linker), cache, _ticker: Arc::new(ticker) })
+        let slot_count = config.instance_slots as usize;
+        Ok(Self { engine, slots, slot_count, linker: Arc::new(linker), cache, _ticker: Arc::new(ticker) })
     }
 
     /// Loads and checks a component file (compiles it: call off the event path).
@@ -125,6 +127,11 @@ impl Runtime {
     #[cfg(feature = "bench")]
     pub async fn reused_instance(&self, component: &HandlerComponent, ctx: AttemptContext) -> anyhow::Result<ReusedInstance> {
         ReusedInstance::new(&self.engine, component, ctx).await
+    }
+
+    /// (instance slots running an attempt now, instance slots in all).
+    pub fn instances_in_use(&self) -> (usize, usize) {
+        (self.slot_count - self.slots.available_permits(), self.slot_count)
     }
 
     /// The shared engine.

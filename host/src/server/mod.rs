@@ -4,12 +4,14 @@
 //! - [`health`]: liveness, readiness and the host's own view;
 //! - [`admin`]: handlers and recent dead letters; deploy, rollback and
 //!   tenant state (token-protected);
+//! - [`metrics`]: Prometheus metrics at `/metrics`;
 //! - the transports bring their own routes: Dapr's app routes
 //!   ([`crate::transport::dapr_app`]) and, on the embedded backend, Dapr's
 //!   publish API ([`crate::transport::publish_api`]).
 
 pub mod admin;
 pub mod health;
+pub mod metrics;
 
 use std::future::Future;
 
@@ -22,9 +24,10 @@ use tokio::net::TcpListener;
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
 /// The host's routes merged with the transports' `transports`.
-pub fn router(admin: admin::AdminState, health: health::HealthState, transports: Router) -> Router {
+pub fn router(admin: admin::AdminState, health: health::HealthState, metrics: metrics::MetricsState, transports: Router) -> Router {
     Router::new()
         .merge(health::routes(health))
+        .merge(metrics::routes(metrics))
         .merge(admin::routes(admin))
         .merge(transports)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
