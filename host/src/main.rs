@@ -35,7 +35,10 @@ Examples:
   wasmsub deploy --tenant todo --handler task-created --token $TOKEN new.wasm   # hot swap
   wasmsub deploy --tenant todo --handler archived --topic task-archived --token $TOKEN archived.wasm  # new topic
   wasmsub rollback --tenant todo --handler task-created --token $TOKEN
-  wasmsub status
+  wasmsub status --output json | jq '.handlers[].counts'
+  wasmsub publish task-created '{\"id\":3}' --id task-3       # prints the event id; again with the same id: one effect
+  wasmsub state get --tenant todo --token $TOKEN 'task:3'
+  curl -s localhost:3500/metrics                            # Prometheus metrics
 
 Exit codes: 0 success, 1 failure (the message says what and where), 2 bad usage.
 Logs: RUST_LOG=debug (or wasmsub=debug) for more; WASMSUB_LOG_FORMAT=json for JSON lines.";
@@ -69,19 +72,31 @@ enum Command {
         #[command(flatten)]
         host: HostArgs,
     },
-    /// Publish an event through a running host's (or Dapr sidecar's) publish API.
+    /// Publish an event through a running host's (or Dapr sidecar's)
+    /// publish API, as a CloudEvent whose id is printed.
     Publish {
         /// The topic to publish to.
         topic: String,
         /// The payload (JSON by default); `@FILE` reads it from a file.
         data: String,
+        /// The pub/sub component.
         #[arg(long, default_value = "pubsub")]
         pubsub: String,
+        /// The payload's media type (the event's `datacontenttype`).
         #[arg(long, default_value = "application/json")]
         content_type: String,
+        /// The event id (default: a new UUID). Publishing twice with the
+        /// same id sends the same event: the host runs it once.
+        #[arg(long)]
+        id: Option<String>,
+        /// The event's CloudEvents `type`.
+        #[arg(long = "type", default_value = "com.dapr.event.sent")]
+        event_type: String,
         /// Base URL of the host or sidecar.
         #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
         url: String,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Deploy a new version of a handler to a running host, without a
     /// restart (the host must have an admin token).
@@ -105,32 +120,72 @@ enum Command {
     },
     /// Tenants, handlers, their versions and per-handler counts.
     Status {
+        /// Base URL of the host's HTTP server.
         #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
         url: String,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// List the dead letters a running host has recorded (newest last).
     DeadLetters {
+        /// Base URL of the host's HTTP server.
         #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
         url: String,
+        #[command(flatten)]
+        output: OutputArg,
     },
+    /// Read a tenant's committed state from a running host (admin token).
+    #[command(subcommand)]
+    State(StateCommand),
     /// Run the todo demo in-process: sample events, a duplicate, a flaky and a
     /// poison one, and what happened to each.
     Demo {
         /// The demo's manifest.
-        #[arg(long, default_value = "examples/todo/wasmsub.toml")]
+        #[arg(long, short, default_value = "examples/todo/wasmsub.toml")]
         manifest: PathBuf,
     },
 }
 
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Print the value a tenant's handlers committed under KEY (the bytes
+    /// as written; escaped on a terminal).
+    Get {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The state key, as the handler wrote it.
+        key: String,
+        /// Base URL of the host's HTTP server.
+        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
+        url: String,
+        /// The host's admin token.
+        #[arg(long, env = "WASMSUB_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct OutputArg {
+    /// `text` for people, `json` for scripts.
+    #[arg(long, short, value_enum, default_value_t = client::Output::Text)]
+    output: client::Output,
+}
+
 #[derive(clap::Args)]
 struct TargetArgs {
+    /// The tenant that owns the handler.
     #[arg(long)]
     tenant: String,
+    /// The handler's name (in the manifest, or created by `deploy --topic`).
     #[arg(long)]
     handler: String,
     /// Base URL of the host's HTTP server.
     #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
     url: String,
+    /// The host's admin token (`run --admin-token`).
     #[arg(long, env = "WASMSUB_ADMIN_TOKEN", hide_env_values = true)]
     token: String,
 }
@@ -239,7 +294,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             println!("{}: manifest OK, {handlers} handler(s) loaded", host.manifest.display());
             Ok(())
         }
-        Command::Publish { topic, data, pubsub, content_type, url } => {
+        Command::Publish { topic, data, pubsub, content_type, id, event_type, url, output } => {
             let body = match data.strip_prefix('@') {
                 Some(path) => std::fs::read(path).with_context(|| format!("reading {path}"))?,
                 None => data.into_bytes(),
@@ -249,16 +304,19 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             {
                 anyhow::bail!("the data is not valid JSON ({error}); send text with --content-type text/plain");
             }
-            client::publish(&url, &pubsub, &topic, body, &content_type).await
+            let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let event = client::envelope(&id, &event_type, &body, &content_type);
+            client::publish(&url, &pubsub, &topic, event, output.output).await
         }
-        Command::DeadLetters { url } => client::print_dead_letters(&url).await,
+        Command::DeadLetters { url, output } => client::print_dead_letters(&url, output.output).await,
+        Command::State(StateCommand::Get { tenant, key, url, token, output }) => client::print_state(&url, &token, &tenant, &key, output.output).await,
         Command::Deploy { target, topic, pubsub, component } => {
             let bytes = std::fs::read(&component).with_context(|| format!("reading {}", component.display()))?;
             let placement = topic.map(|topic| (pubsub, topic));
             client::deploy(&target.url, &target.token, &target.tenant, &target.handler, placement, bytes).await
         }
         Command::Rollback { target } => client::rollback(&target.url, &target.token, &target.tenant, &target.handler).await,
-        Command::Status { url } => client::print_status(&url).await,
+        Command::Status { url, output } => client::print_status(&url, output.output).await,
         Command::Demo { manifest } => demo::run(&manifest, &mut std::io::stdout()).await,
     }
 }

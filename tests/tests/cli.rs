@@ -54,3 +54,72 @@ fn bad_usage_exits_2_and_failures_exit_1_with_a_reason() {
     assert_eq!(code, 0);
     assert!(stdout.contains("Exit codes") && stdout.contains("wasmsub deploy"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_status_state_and_dead_letters_against_a_running_host() {
+    use wasmsub_tests::embedded::{ADMIN_TOKEN, EmbeddedHost};
+    let scratch = tempfile::tempdir().unwrap();
+    let manifest = scratch.path().join("wasmsub.toml");
+    std::fs::write(&manifest, manifest_text("", &[
+        HandlerSpec::new("recorder", guests::RECORDER, "orders"),
+        HandlerSpec::new("poison", guests::POISON, "archive").with("retry = { max_attempts = 1 }"),
+    ]))
+    .unwrap();
+    let host = EmbeddedHost::start(WASMSUB, &manifest, &scratch.path().join("data"), scratch.path(), &[]);
+    host.wait_ready(std::time::Duration::from_secs(60)).await;
+    let url = format!("http://127.0.0.1:{}", host.port);
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--url", url.as_str()]);
+        run(&all)
+    };
+
+    // The id is printed; the same id twice is one event.
+    let (code, stdout, stderr) = cli(&["publish", "orders", r#"{"key":"k1"}"#, "--id", "e-1"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, "published event e-1 to pubsub/orders\n");
+    let (code, stdout, _) = cli(&["publish", "orders", r#"{"key":"k1"}"#, "--id", "e-1", "--output", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["id"], "e-1");
+    // Without --id, a fresh UUID.
+    let (_, stdout, _) = cli(&["publish", "archive", "{}"]);
+    let id = stdout.strip_prefix("published event ").and_then(|rest| rest.split(' ').next()).unwrap().to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{stdout}");
+    host.wait_drained(std::time::Duration::from_secs(30)).await;
+
+    let status = loop {
+        let (code, stdout, stderr) = cli(&["status", "--output", "json"]);
+        assert_eq!(code, 0, "{stderr}");
+        let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let recorder = status["handlers"].as_array().unwrap().iter().find(|h| h["handler"] == "recorder").unwrap().clone();
+        // Reports lag the queue a little: wait for both deliveries to be counted.
+        if recorder["counts"]["processed"].as_u64().unwrap() + recorder["counts"]["duplicates"].as_u64().unwrap() == 2 {
+            break recorder;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!((status["counts"]["processed"].as_u64(), status["counts"]["duplicates"].as_u64()), (Some(1), Some(1)));
+
+    let (code, stdout, stderr) = cli(&["state", "get", "--tenant", "acme", "--token", ADMIN_TOKEN, "count:k1"]);
+    assert_eq!((code, stdout.as_str()), (0, "1"), "{stderr}");
+    let (code, stdout, _) = cli(&["state", "get", "--tenant", "acme", "--token", ADMIN_TOKEN, "count:k1", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&stdout).unwrap(), serde_json::json!({"tenant": "acme", "key": "count:k1", "value": "1"}));
+    let (code, _, stderr) = cli(&["state", "get", "--tenant", "nobody", "--token", ADMIN_TOKEN, "k"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no tenant `nobody`"), "{stderr}");
+
+    let (code, stdout, _) = cli(&["dead-letters", "--output", "json"]);
+    assert_eq!(code, 0);
+    let letters: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(letters[0]["event_id"], id.as_str(), "{letters}");
+
+    // A reader that stops early (`| head`, here one that reads nothing) ends
+    // the command quietly: no panic, exit 0.
+    let piped = Command::new("bash")
+        .args(["-c", r#"set -o pipefail; "$0" status --url "$1" | true"#, WASMSUB, &url])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(piped.status.success() && !stderr.contains("panicked"), "{stderr}");
+}
