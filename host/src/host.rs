@@ -418,16 +418,33 @@ async fn wait_for_sidecar(sidecar: &Sidecar) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads every component the manifest names, as start-up would, and reports
-/// the first that cannot serve. Returns how many handlers loaded.
+/// Loads every component the manifest names, as start-up would, and
+/// reports every one that cannot serve (not just the first). Writes
+/// nothing: no compile cache, no store. Returns how many handlers loaded.
 pub fn check(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<usize> {
-    let runtime = Runtime::new(&options.engine)?;
-    let registry = Registry::load(manifest, &runtime)?;
-    let handlers = registry.handlers();
-    for handler in &handlers {
-        tracing::info!(tenant = %handler.tenant.name, handler = %handler.name, handler.version = %handler.current().short_version(), "ok");
+    let engine = EngineConfig { cache_dir: None, ..options.engine.clone() };
+    let mut problems = Vec::new();
+    if let Err(error) = check_concurrency_fits(manifest, &engine) {
+        problems.push(format!("{error:#}"));
     }
-    Ok(handlers.len())
+    let runtime = Runtime::new(&engine)?;
+    let mut loaded = 0;
+    for tenant in &manifest.tenants {
+        for handler in &tenant.handlers {
+            match runtime.load(&handler.component) {
+                Ok(component) => {
+                    loaded += 1;
+                    tracing::info!(tenant = %tenant.name, handler = %handler.name, handler.version = %component.short_version(), "ok");
+                }
+                Err(error) => problems.push(format!("tenant `{}` handler `{}`: {:#}", tenant.name, handler.name, anyhow::Error::from(error))),
+            }
+        }
+    }
+    match problems.len() {
+        0 => Ok(loaded),
+        1 => anyhow::bail!("{}", problems[0]),
+        n => anyhow::bail!("{n} problems:\n  {}", problems.join("\n  ")),
+    }
 }
 
 /// Runs the host, serving HTTP on `listener`, until `shutdown`.

@@ -137,6 +137,12 @@ enum Command {
     /// Read a tenant's committed state from a running host (admin token).
     #[command(subcommand)]
     State(StateCommand),
+    /// Print a shell completion script: `wasmsub completions bash >
+    /// ~/.local/share/bash-completion/completions/wasmsub`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Run the todo demo in-process: sample events, a duplicate, a flaky and a
     /// poison one, and what happened to each.
     Demo {
@@ -317,6 +323,12 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::Rollback { target } => client::rollback(&target.url, &target.token, &target.tenant, &target.handler).await,
         Command::Status { url, output } => client::print_status(&url, output.output).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "wasmsub", &mut script);
+            client::emit(&String::from_utf8_lossy(&script))
+        }
         Command::Demo { manifest } => demo::run(&manifest, &mut std::io::stdout()).await,
     }
 }

@@ -28,6 +28,13 @@ fn needs_escape(c: char) -> bool {
     c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
+/// `text` on one line: each run of whitespace (newlines, the indentation of
+/// a debug dump such as wasmparser's "expected=[\n    0x0,\n ...]") becomes
+/// one space, so an error stays one line in logs and CLI output.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -39,5 +46,10 @@ mod tests {
         assert_eq!(printable("\u{1b}[2Jgone"), "\\u{1b}[2Jgone");
         assert_eq!(printable("tab\there\r"), "tab\\there\\r");
         assert_eq!(printable("abc\u{202e}fed"), "abc\\u{202e}fed");
+    }
+
+    #[test]
+    fn a_debug_dump_comes_out_on_one_line() {
+        assert_eq!(one_line("bad magic number - expected=[\n    0x0,\n    0x61,\n] actual=[]"), "bad magic number - expected=[ 0x0, 0x61, ] actual=[]");
     }
 }

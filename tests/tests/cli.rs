@@ -40,6 +40,46 @@ fn check_accepts_a_good_manifest_and_names_what_is_wrong_in_a_bad_one() {
 }
 
 #[test]
+fn check_reports_every_problem_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_wasm = dir.path().join("not-wasm.wasm");
+    std::fs::write(&not_wasm, "#!/bin/sh\necho hello\n").unwrap();
+    let manifest = dir.path().join("two-bad.toml");
+    let handlers = [
+        HandlerSpec::new("w", guests::WRONG_WORLD, "orders"),
+        HandlerSpec::new("script", not_wasm.to_str().unwrap(), "payments"),
+        HandlerSpec::new("recorder", guests::RECORDER, "audit"),
+    ];
+    std::fs::write(&manifest, manifest_text("", &handlers)).unwrap();
+    let output = Command::new(WASMSUB)
+        .args(["check", "-m", manifest.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("2 problems"), "{stderr}");
+    assert!(stderr.contains("handler `w`") && stderr.contains("does not target the world"), "{stderr}");
+    assert!(stderr.contains("handler `script`") && stderr.contains("not-wasm.wasm"), "{stderr}");
+    // Each problem is one line: no multi-line parser dumps.
+    let problem_lines = stderr.lines().filter(|line| line.contains("handler `")).count();
+    assert_eq!(problem_lines, 2, "{stderr}");
+    // Nothing written next to the manifest: no data dir, no compile cache.
+    let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    assert_eq!(entries.len(), 2, "check wrote files: {entries:?}");
+}
+
+#[test]
+fn completions_print_a_script_for_the_shell() {
+    let (code, stdout, stderr) = run(&["completions", "bash"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("complete -F") && stdout.contains("dead-letters"), "{stdout}");
+    let (code, _, _) = run(&["completions", "no-such-shell"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
 fn bad_usage_exits_2_and_failures_exit_1_with_a_reason() {
     let (code, _, stderr) = run(&["run", "--no-such-flag"]);
     assert_eq!(code, 2, "{stderr}");

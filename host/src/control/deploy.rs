@@ -129,12 +129,16 @@ impl Deployer {
             tracing::warn!(tenant, handler, origin = %origin.display(), %error, "deploy refused; the serving version is unchanged");
         }
         // A rollback names no origin: it goes back to a version already held.
+        // Names the host does not know are not counted (labels stay bounded).
         let action = match result {
-            Err(_) => "refused",
-            Ok(_) if origin.as_os_str().is_empty() => "rollback",
-            Ok(_) => "deploy",
+            Err(DeployError::UnknownTenant(_) | DeployError::UnknownHandler { .. }) => None,
+            Err(_) => Some("refused"),
+            Ok(_) if origin.as_os_str().is_empty() => Some("rollback"),
+            Ok(_) => Some("deploy"),
         };
-        self.metrics.deploy(tenant, handler, action);
+        if let Some(action) = action {
+            self.metrics.deploy(tenant, handler, action);
+        }
         let _ = self.events.send(DeployEvent {
             tenant: tenant.to_owned(),
             handler: handler.to_owned(),

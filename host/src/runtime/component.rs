@@ -9,6 +9,7 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
 use super::bindings::{HANDLER_WORLD, HandlerPre};
+use crate::text::one_line;
 use super::cache::CompileCache;
 use super::host_state::AttemptState;
 
@@ -80,7 +81,7 @@ pub fn from_bytes(
         Some(component) => component,
         None => {
             let component = Component::from_binary(engine, bytes)
-                .map_err(|e| LoadError::Invalid { path: path.to_owned(), reason: format!("{e:#}") })?;
+                .map_err(|e| LoadError::Invalid { path: path.to_owned(), reason: one_line(&format!("{e:#}")) })?;
             if let Some(cache) = cache {
                 cache.store(&version, &component);
             }
@@ -89,7 +90,7 @@ pub fn from_bytes(
     };
     // Unsatisfied imports fail here, missing or mistyped exports in
     // `HandlerPre::new`: both mean "not a handler".
-    let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld { path: path.to_owned(), reason: format!("{e:#}") };
+    let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld { path: path.to_owned(), reason: one_line(&format!("{e:#}")) };
     let image = component.image_range();
     let code_bytes = (image.end as usize).saturating_sub(image.start as usize);
     let instance_pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
