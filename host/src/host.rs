@@ -276,7 +276,7 @@ impl Host {
     /// `POST /v1.0/publish/{pubsub}/{topic}` does).
     pub async fn publish(&self, pubsub: &str, topic: &str, body: Bytes, content_type: Option<&str>) -> Result<(), PublishError> {
         let broker = self.broker.as_ref().expect("publish is the embedded backend's API; behind Dapr, publish to the sidecar");
-        broker.publish_api(pubsub, topic, body, content_type, false).await
+        broker.publish_api(pubsub, topic, body, content_type, false, &Default::default()).await
     }
 
     /// Hands a delivery to the door, as a transport would.

@@ -16,7 +16,7 @@
 //! - [`outbox`]: where committed messages go, and the relay that retries them.
 //!
 //! Around it: [`control`] (handlers, versions, deploys), [`manifest`] (the
-//! `wasmsub.toml` file), [`metrics`] (Prometheus), [`server`] (HTTP), [`host`] (assembly), [`clock`]
+//! `wasmsub.toml` file), [`metrics`] (Prometheus), [`telemetry`] (OpenTelemetry traces), [`server`] (HTTP), [`host`] (assembly), [`clock`]
 //! (the time seam tests control), [`sidecar`] (Dapr's HTTP API), [`text`]
 //! (escaping what others wrote) and [`cli`] (the command's client and demo).
 #![deny(missing_docs)]
@@ -39,6 +39,7 @@ pub mod runtime;
 mod server;
 pub mod sidecar;
 pub mod store;
+pub mod telemetry;
 pub mod text;
 pub mod transport;
 

@@ -256,7 +256,13 @@ impl HostArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let traces = match init_tracing() {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -264,7 +270,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli.command)) {
+    let result = runtime.block_on(execute(cli.command));
+    // Sends the spans still batched before the process ends.
+    if let Some(provider) = traces
+        && let Err(error) = provider.shutdown()
+    {
+        eprintln!("warning: could not send the last traces: {error}");
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -333,17 +346,27 @@ async fn execute(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr, and spans to an OpenTelemetry collector when the
+/// `OTEL_*` variables ask for it (the provider is returned so that `main`
+/// can flush it at the end). RUST_LOG filters the logs only: the host's
+/// spans are exported whatever the log level.
+fn init_tracing() -> anyhow::Result<Option<wasmsub::telemetry::TracerProvider>> {
+    use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
     let json = std::env::var("WASMSUB_LOG_FORMAT").is_ok_and(|f| f == "json");
     // Colours only for a person at a terminal, never into log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if json {
-        builder.json().init();
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let logs = if json { logs.json().boxed() } else { logs.boxed() };
+    let provider = if wasmsub::telemetry::traces_requested(|name| std::env::var(name).ok()) {
+        Some(wasmsub::telemetry::otlp_provider()?)
     } else {
-        builder.init();
-    }
+        None
+    };
+    let host_spans = tracing_subscriber::filter::Targets::new().with_target("wasmsub", tracing::Level::INFO);
+    let traces = provider.as_ref().map(|provider| wasmsub::telemetry::layer(provider).with_filter(host_spans));
+    tracing_subscriber::registry().with(logs.with_filter(filter)).with(traces).init();
+    Ok(provider)
 }
 
 /// Ctrl-C or SIGTERM (what Kubernetes sends) starts a graceful stop.

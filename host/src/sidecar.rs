@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use crate::outbox::Publisher;
 use crate::cloudevent::CLOUDEVENTS_JSON;
 use crate::store::OutboundMessage;
+use crate::telemetry::TraceContext;
 
 /// A sidecar call that takes longer than this is treated as the sidecar
 /// being down: the event is deferred, not waited on indefinitely.
@@ -157,7 +158,17 @@ impl Sidecar {
     /// Publishes `event` (a structured CloudEvent) to `topic` of `pubsub`.
     pub async fn publish_event(&self, pubsub: &str, topic: &str, event: &Map<String, Value>) -> Result<(), SidecarError> {
         let url = format!("{}/v1.0/publish/{}/{}", self.base, path_segment(pubsub), path_segment(topic));
-        let request = self.http.post(&url).header(reqwest::header::CONTENT_TYPE, CLOUDEVENTS_JSON).json(event);
+        let mut request = self.http.post(&url).header(reqwest::header::CONTENT_TYPE, CLOUDEVENTS_JSON).json(event);
+        // Dapr takes the trace context of a publish from these headers (and
+        // rewrites the event's own attributes from them).
+        // A value no header may hold (a producer's stray newline) is left
+        // out rather than failing the publish.
+        let trace = TraceContext::of_event(event);
+        for (name, value) in [("traceparent", &trace.traceparent), ("tracestate", &trace.tracestate)] {
+            if let Some(value) = value.as_deref().and_then(|v| reqwest::header::HeaderValue::from_str(v).ok()) {
+                request = request.header(name, value);
+            }
+        }
         self.send(url, request).await.map(drop)
     }
 

@@ -20,6 +20,7 @@ pub struct EmbeddedHost {
     data_dir: PathBuf,
     log_dir: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     pub port: u16,
     process: Option<Process>,
     starts: usize,
@@ -42,12 +43,18 @@ impl EmbeddedHost {
     /// Starts `binary run` on `manifest` with its data in `data_dir` (and
     /// `args` added), and waits until it answers.
     pub fn start(binary: &str, manifest: &Path, data_dir: &Path, log_dir: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(binary, manifest, data_dir, log_dir, args, &[])
+    }
+
+    /// [`Self::start`], with environment variables set for the process.
+    pub fn start_with_env(binary: &str, manifest: &Path, data_dir: &Path, log_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut host = Self {
             binary: binary.into(),
             manifest: manifest.into(),
             data_dir: data_dir.into(),
             log_dir: log_dir.into(),
             args: args.iter().map(|a| a.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             port: free_port(),
             process: None,
             starts: 0,
@@ -69,7 +76,8 @@ impl EmbeddedHost {
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(&self.args)
             .env("WASMSUB_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let process = Process::spawn(&name, &mut command, &self.log_dir);
         let deadline = Instant::now() + START_TIMEOUT;
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {

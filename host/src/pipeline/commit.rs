@@ -34,14 +34,15 @@ impl Pipeline {
         let handler = flight.handler;
         let EffectParts { writes, publishes, reads } = effects.into_parts();
         let source = format!("wasmsub/{}/{}", handler.tenant.name, handler.name);
+        // What the handler publishes continues this delivery's trace.
+        let trace = flight.trace.handed_on_from(&tracing::Span::current());
         let outbox: Vec<_> = publishes
             .into_iter()
             .enumerate()
-            .map(|(index, publish)| OutboundMessage {
-                pubsub: handler.config.pubsub.clone(),
-                event: CloudEvent::new_outgoing(outgoing_id(&token.key, index), &source, &publish.topic, &publish.data, &publish.content_type),
-                topic: publish.topic,
-                origin: Some(handler.tenant.name.to_string()),
+            .map(|(index, publish)| {
+                let mut event = CloudEvent::new_outgoing(outgoing_id(&token.key, index), &source, &publish.topic, &publish.data, &publish.content_type);
+                trace.write_into(&mut event);
+                OutboundMessage { pubsub: handler.config.pubsub.clone(), event, topic: publish.topic, origin: Some(handler.tenant.name.to_string()) }
             })
             .collect();
         if let Err(reason) = self.flow.admit(&handler.tenant, outbox.len()) {
@@ -95,7 +96,8 @@ impl Pipeline {
             attempts,
             at: clock::rfc3339(self.clock.now_ms()),
         };
-        let message = entry.message_for(&handler.config.pubsub, original);
+        let trace = flight.trace.handed_on_from(&tracing::Span::current());
+        let message = entry.message_for(&handler.config.pubsub, original, &trace);
         let record = serde_json::to_vec(&entry).expect("a dead letter serialises");
         let commit = Commit {
             claim: token,

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cloudevent::SPEC_VERSION;
 use crate::store::OutboundMessage;
+use crate::telemetry::TraceContext;
 
 /// Recent dead letters kept for listing; the dead-letter topic is the record.
 pub const DEAD_LETTER_LOG_CAPACITY: usize = 1000;
@@ -46,13 +47,15 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     /// The original event with the diagnosis as extension attributes
-    /// (CloudEvents extension names are lowercase alphanumerics).
-    pub fn message_for(&self, pubsub: &str, original: &Map<String, Value>) -> OutboundMessage {
+    /// (CloudEvents extension names are lowercase alphanumerics), carrying
+    /// `trace` on: whoever reads the dead-letter topic joins the trace.
+    pub fn message_for(&self, pubsub: &str, original: &Map<String, Value>, trace: &TraceContext) -> OutboundMessage {
         let mut event = original.clone();
         // Dapr's delivery fields describe the old delivery, not this one.
-        for field in ["topic", "pubsubname", "traceid", "traceparent", "tracestate"] {
+        for field in ["topic", "pubsubname"] {
             event.remove(field);
         }
+        trace.write_into(&mut event);
         event.insert("wasmsubreason".into(), self.reason.clone().into());
         event.insert("wasmsubattempts".into(), self.attempts.into());
         event.insert("wasmsubtenant".into(), self.tenant.clone().into());
@@ -122,14 +125,17 @@ mod tests {
     #[test]
     fn the_message_is_the_original_event_plus_the_diagnosis() {
         let original = json!({"id": "e1", "source": "s", "type": "t", "specversion": "1.0",
-                              "data": {"x": 1}, "topic": "orders", "traceparent": "00-1"});
-        let message = entry().message_for("pubsub", original.as_object().unwrap());
+                              "data": {"x": 1}, "topic": "orders", "traceparent": "00-old", "traceid": "00-old"});
+        let trace = TraceContext { traceparent: Some("00-delivery".into()), tracestate: None };
+        let message = entry().message_for("pubsub", original.as_object().unwrap(), &trace);
         assert_eq!(message.topic, "orders-dead-letter");
         assert_eq!(message.event["id"], "e1");
         assert_eq!(message.event["data"], json!({"x": 1}));
         assert_eq!(message.event["wasmsubreason"], "poison");
         assert_eq!(message.event["wasmsubattempts"], 3);
-        assert!(message.event.get("topic").is_none() && message.event.get("traceparent").is_none());
+        assert!(message.event.get("topic").is_none() && message.event.get("traceid").is_none());
+        // The trace goes on through the dead letter.
+        assert_eq!(message.event["traceparent"], "00-delivery");
     }
 
     #[test]

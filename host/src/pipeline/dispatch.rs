@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 use super::{InFlight, Pipeline};
 use crate::cloudevent::CloudEvent;
@@ -53,7 +54,9 @@ impl Pipeline {
             max_state_keys: tenant.limits.max_state_keys,
         };
         let started = std::time::Instant::now();
-        let result = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt)).await;
+        // One span per attempt, a child of the delivery's.
+        let span = tracing::info_span!("attempt", messaging.attempt = attempt, handler.version = %component.short_version());
+        let result = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt)).instrument(span).await;
         let limit = match &result {
             AttemptResult::Trapped { limit, .. } => limit.map(|l| l.label()),
             _ => None,

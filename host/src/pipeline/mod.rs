@@ -34,6 +34,7 @@ use crate::outbox::Publisher;
 use crate::outbox::relay::RelayTrigger;
 use crate::runtime::{AttemptResult, HandlerComponent, Runtime};
 use crate::store::{Claim, ClaimToken, DedupeKey, DeliveryStore};
+use crate::telemetry::TraceContext;
 use crate::text::printable;
 use dead_letter::DeadLetterLog;
 use commit::Conflict;
@@ -125,6 +126,8 @@ struct InFlight<'a> {
     topic: String,
     /// When the delivery reached the pipeline.
     started: std::time::Instant,
+    /// The trace context the event arrived with (empty for a malformed one).
+    trace: TraceContext,
 }
 
 impl InFlight<'_> {
@@ -180,7 +183,14 @@ impl Pipeline {
     /// topic byte for byte.
     pub async fn reject(&self, handler: &Arc<Handler>, body: &[u8], content_type: Option<&str>, rejection: Rejection) -> Outcome {
         let (event_id, original) = dead_letter::envelope_for_malformed(body, content_type);
-        let flight = InFlight { handler, component: None, event_id, topic: handler.config.topic.clone(), started: std::time::Instant::now() };
+        let flight = InFlight {
+            handler,
+            component: None,
+            event_id,
+            topic: handler.config.topic.clone(),
+            started: std::time::Instant::now(),
+            trace: TraceContext::default(),
+        };
         let span = event_span(&flight);
         async {
             let outcome = self.dead_letter_unclaimed(&flight, &original, rejection.to_string()).await;
@@ -198,12 +208,15 @@ impl Pipeline {
             event_id: event.id.clone(),
             topic: event.topic.clone(),
             started: std::time::Instant::now(),
+            trace: TraceContext::of_extensions(&event.extensions),
         };
         let derived = dedupe::event_id(event, handler.config.id_mode);
         if let Ok(id) = &derived {
             flight.event_id = id.clone();
         }
         let span = event_span(&flight);
+        crate::telemetry::name_consumer_span(&span, &flight.topic);
+        flight.trace.continue_in(&span);
         async {
             let outcome = match derived {
                 Ok(_) if handler.tenant.saturated() => Outcome::Throttled {
@@ -369,9 +382,12 @@ impl std::fmt::Display for Millis {
 }
 
 /// The span every line about one event is logged in, with OpenTelemetry's
-/// messaging fields.
+/// messaging fields; exported, it is the delivery's consumer span (named
+/// only then, so text logs do not repeat it on every line).
 fn event_span(flight: &InFlight<'_>) -> tracing::Span {
     tracing::info_span!("event",
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
         messaging.system = %"dapr",
         messaging.destination.name = %flight.topic,
         messaging.message.id = %printable(&flight.event_id),

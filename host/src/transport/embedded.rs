@@ -26,6 +26,7 @@ use crate::outbox::Publisher;
 use crate::pipeline::outcome::DaprStatus;
 use crate::pipeline::retry::Backoff;
 use crate::store::{MessageQueue, OutboundMessage, QueueError, QueuedMessage, Settle, Taken};
+use crate::telemetry::TraceContext;
 
 /// First wait before redelivering a message answered "retry"; doubles up to
 /// [`MAX_REDELIVERY_WAIT`]. Redelivery never gives up: only the pipeline
@@ -79,7 +80,16 @@ impl EmbeddedBroker {
     /// Dapr's publish API: `body` with `content_type` becomes the data of a
     /// new CloudEvent, unless it is a CloudEvent already (then it is checked
     /// and sent as is) or `raw` is set (then it is sent without an envelope).
-    pub async fn publish_api(&self, pubsub: &str, topic: &str, body: Bytes, content_type: Option<&str>, raw: bool) -> Result<(), PublishError> {
+    /// A new envelope carries `trace`, the publisher's trace context.
+    pub async fn publish_api(
+        &self,
+        pubsub: &str,
+        topic: &str,
+        body: Bytes,
+        content_type: Option<&str>,
+        raw: bool,
+        trace: &TraceContext,
+    ) -> Result<(), PublishError> {
         let known = self.registry.pubsub_names();
         if !known.iter().any(|name| name == pubsub) {
             return Err(PublishError::UnknownPubsub { name: pubsub.to_owned(), known: known.join(", ") });
@@ -92,7 +102,8 @@ impl EmbeddedBroker {
             CloudEvent::parse(&body, pubsub, topic).map_err(PublishError::Malformed)?;
             (body, Some(CLOUDEVENTS_JSON.to_owned()))
         } else {
-            let envelope = self.wrap_like_dapr(pubsub, topic, &body, content_type.unwrap_or("application/json"));
+            let mut envelope = self.wrap_like_dapr(pubsub, topic, &body, content_type.unwrap_or("application/json"));
+            trace.write_into(&mut envelope);
             (Bytes::from(Value::Object(envelope).to_string()), Some(CLOUDEVENTS_JSON.to_owned()))
         };
         let message = QueuedMessage { pubsub: pubsub.to_owned(), topic: topic.to_owned(), body, content_type, origin: None };

@@ -11,6 +11,8 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+
+use crate::telemetry::TraceContext;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::json;
@@ -35,7 +37,11 @@ async fn publish(
 ) -> Response {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let raw = query.get("metadata.rawPayload").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    let Err(error) = broker.publish_api(&pubsub, &topic, body, content_type, raw).await else {
+    // As Dapr does: the publisher's trace context, from its headers, goes
+    // into the envelope the payload is wrapped in.
+    let header_text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let trace = TraceContext { traceparent: header_text("traceparent"), tracestate: header_text("tracestate") };
+    let Err(error) = broker.publish_api(&pubsub, &topic, body, content_type, raw, &trace).await else {
         return StatusCode::NO_CONTENT.into_response();
     };
     let (status, code) = match &error {
