@@ -38,6 +38,7 @@ fn exported() -> Exported {
     let (tenant, handler, version): (Arc<str>, Arc<str>, Arc<str>) = (Arc::from("acme"), Arc::from("orders"), Arc::from("0123456789ab"));
     metrics.delivery(&tenant, &handler, &version, "processed", Duration::from_millis(2));
     metrics.attempt(&tenant, &handler, &version, "trap", Some("cpu_time"), Duration::from_millis(1));
+    metrics.instantiation(&tenant, &handler, Duration::from_micros(40));
     metrics.deploy("acme", "orders", "deploy");
     metrics.store_error("commit");
     let text = metrics.encode();

@@ -73,6 +73,8 @@ async fn metrics_count_what_happened_in_a_scripted_run() {
     assert_eq!(attempts("spinner", "trap"), 1.0, "{text}");
     assert_eq!(sample(&text, "wasmsub_limit_hits_total", &[("tenant", "acme"), ("limit", "cpu_time")]), 1.0, "{text}");
     assert_eq!(sample(&text, "wasmsub_attempt_duration_seconds_count", &[("handler", "poison")]), 3.0, "{text}");
+    // Every attempt made an instance, and said how long that took.
+    assert_eq!(sample(&text, "wasmsub_instantiation_duration_seconds_count", &[("handler", "poison")]), 3.0, "{text}");
     assert_eq!(sample(&text, "wasmsub_delivery_duration_seconds_count", &[("handler", "recorder")]), 6.0, "{text}");
 
     let deploys = |action| sample(&text, "wasmsub_deploys_total", &[("handler", "recorder"), ("action", action)]);

@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use super::{InFlight, Pipeline};
 use crate::cloudevent::CloudEvent;
-use crate::runtime::{AttemptContext, AttemptResult, Event, HandlerComponent};
+use crate::runtime::{AttemptContext, AttemptResult, Dispatched, Event, HandlerComponent};
 
 /// A finished attempt: its result, the version that ran it, and the
 /// tenant slot it held (kept by the caller through a commit).
@@ -56,12 +56,15 @@ impl Pipeline {
         let started = std::time::Instant::now();
         // One span per attempt, a child of the delivery's.
         let span = tracing::info_span!("attempt", messaging.attempt = attempt, handler.version = %component.short_version());
-        let result = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt)).instrument(span).await;
+        let Dispatched { result, instantiation } = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt)).instrument(span).await;
         let limit = match &result {
             AttemptResult::Trapped { limit, .. } => limit.map(|l| l.label()),
             _ => None,
         };
         self.metrics.attempt(&tenant.name, &handler.name, &component.label, result.label(), limit, started.elapsed());
+        if let Some(instantiation) = instantiation {
+            self.metrics.instantiation(&tenant.name, &handler.name, instantiation);
+        }
         Attempt { result, component: Some(component), slot: Some(slot) }
     }
 }

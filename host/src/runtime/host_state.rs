@@ -70,6 +70,8 @@ pub struct AttemptState {
     pub(super) stderr: MemoryOutputPipe,
     pub(super) log_bytes: usize,
     pub(super) log_lines_dropped: u32,
+    /// How long making the instance took, once it is made.
+    pub(super) instantiated_in: Option<std::time::Duration>,
     /// How this attempt's buffered writes change the tenant's state usage.
     state_delta: (i64, i64),
     wasi: WasiCtx,
@@ -91,6 +93,7 @@ impl AttemptState {
             stderr,
             log_bytes: 0,
             log_lines_dropped: 0,
+            instantiated_in: None,
             state_delta: (0, 0),
             wasi,
             table: ResourceTable::new(),

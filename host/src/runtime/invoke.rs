@@ -116,7 +116,9 @@ pub async fn run_attempt(engine: &Engine, component: &HandlerComponent, ctx: Att
     let _ = store.set_fuel(fuel.unwrap_or(u64::MAX));
 
     let attempt = async {
+        let instantiating = std::time::Instant::now();
         let handler = component.pre.instantiate_async(&mut store).await.map_err(Failure::Instantiate)?;
+        store.data_mut().instantiated_in = Some(instantiating.elapsed());
         handler.call_handle(&mut store, event).await.map_err(Failure::Call)
     };
     let result = match tokio::time::timeout(wall_time, attempt).await {

@@ -53,6 +53,16 @@ pub struct Runtime {
     _ticker: Arc<engine::EpochTicker>,
 }
 
+/// One attempt's result, and how long making its instance took (`None`
+/// if no instance was made).
+#[derive(Debug)]
+pub struct Dispatched {
+    /// What the attempt came to.
+    pub result: AttemptResult,
+    /// Instantiation time, for the metrics.
+    pub instantiation: Option<std::time::Duration>,
+}
+
 impl Runtime {
     /// Builds the engine and links the host's imports.
     pub fn new(config: &EngineConfig) -> anyhow::Result<Self> {
@@ -84,9 +94,9 @@ impl Runtime {
     /// The attempt runs on a blocking thread (guest code computes; it must
     /// not hold one of the async workers), driven as a future there so that
     /// WASI calls are async and the wall-clock limit can cut it off.
-    pub async fn dispatch(&self, component: Arc<HandlerComponent>, ctx: AttemptContext, event: Event) -> AttemptResult {
+    pub async fn dispatch(&self, component: Arc<HandlerComponent>, ctx: AttemptContext, event: Event) -> Dispatched {
         let Ok(slot) = self.slots.clone().acquire_owned().await else {
-            return AttemptResult::Infrastructure("instance pool closed".into());
+            return Dispatched { result: AttemptResult::Infrastructure("instance pool closed".into()), instantiation: None };
         };
         let engine = self.engine.clone();
         let runtime = tokio::runtime::Handle::current();
@@ -95,16 +105,19 @@ impl Runtime {
             let (result, store) = runtime.block_on(invoke::run_attempt(&engine, &component, ctx, &event));
             // Answer first; then return the instance to the pool (and only
             // then free its slot).
-            let _ = answer.send(result);
+            let _ = answer.send(Dispatched { result, instantiation: store.data().instantiated_in });
             drop(store);
             drop(slot);
         });
         match answered.await {
-            Ok(result) => result,
-            Err(_) => match attempt.await {
-                Err(error) => AttemptResult::Infrastructure(format!("attempt thread failed: {error}")),
-                Ok(()) => AttemptResult::Infrastructure("attempt ended without a result".into()),
-            },
+            Ok(dispatched) => dispatched,
+            Err(_) => {
+                let reason = match attempt.await {
+                    Err(error) => format!("attempt thread failed: {error}"),
+                    Ok(()) => "attempt ended without a result".into(),
+                };
+                Dispatched { result: AttemptResult::Infrastructure(reason), instantiation: None }
+            }
         }
     }
 
