@@ -215,3 +215,64 @@ async fn without_otel_variables_the_arriving_context_is_passed_on_unchanged_and_
     let record: Value = serde_json::from_str(&host.state("acme", "event:fwd-k1").await.expect("audit ran")).unwrap();
     assert_eq!(record["extensions"]["traceparent"], traceparent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_daprd_the_trace_crosses_a_publish() {
+    use wasmsub_tests::dapr::{DaprClient, Daprd, Redis, Scratch, free_port, manifest, start_host_with, wait_until_subscribed};
+    let (endpoint, received) = start_receiver().await;
+    let scratch = Scratch::new();
+    let redis = Redis::start(scratch.path());
+    let app_port = free_port();
+    let daprd = Daprd::start("daprd", "traces", app_port, &scratch.components(&redis), scratch.path());
+    let manifest = scratch.manifest(&manifest(r#"publish_topics = ["audit"]"#, &[
+        ("orders", guests::RECORDER, "orders", ""),
+        ("audit", guests::RECORDER, "audit", ""),
+    ]));
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let host = start_host_with(HOST, "host", &manifest, &daprd, scratch.path(), &env);
+    let client = DaprClient::new(&daprd);
+    wait_until_subscribed(&client, "orders").await;
+
+    // A producer publishes through Dapr with its context in the header, as
+    // the Dapr SDKs do.
+    let (t1, p1) = ("5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b8");
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1.0/publish/pubsub/orders", daprd.url()))
+        .header("content-type", "application/json")
+        .header("traceparent", format!("00-{t1}-{p1}-01"))
+        .body(r#"{"key": "traced", "forward_to": "audit"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+
+    let log = || format!("host:\n{}\ndaprd:\n{}", host.log_text(), daprd.log_text());
+    let mut seen = 0;
+    let mut last_progress = Instant::now();
+    let (orders, audit) = loop {
+        let spans = received.spans();
+        let find = |name: &str| spans.iter().find(|s| s.trace_id == t1 && s.name == name).cloned();
+        if let (Some(orders), Some(audit)) = (find("process orders"), find("process audit")) {
+            break (orders, audit);
+        }
+        if spans.len() != seen {
+            (seen, last_progress) = (spans.len(), Instant::now());
+        }
+        assert!(last_progress.elapsed() < Duration::from_secs(90), "spans of trace {t1} never arrived: {spans:#?}\n{}", log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Both deliveries are in the producer's trace. This daprd has Dapr's
+    // tracing off, so it passes the context through unchanged and the chain
+    // is direct (with it on, daprd's own spans would sit in between).
+    assert_eq!(orders.parent_span_id, p1, "{}", log());
+    assert_eq!(audit.parent_span_id, orders.span_id, "{}", log());
+    assert!(is_consumer(&audit.kind));
+    let record = client.wait_for_state("acme", "event:fwd-traced", Duration::from_secs(30), |v| v.is_some()).await.unwrap();
+    let record: Value = serde_json::from_str(&record).unwrap();
+    let traceparent = record["extensions"]["traceparent"].as_str().unwrap_or_default().to_owned();
+    assert!(traceparent.contains(t1), "the audit handler saw {traceparent}\n{}", log());
+}
