@@ -71,11 +71,12 @@ case "$choice" in
     *) log "WASMSUB_GUEST_TOOLCHAIN must be rustup, debian or auto, not '$choice'"; exit 2 ;;
 esac
 
-# Copy exactly the guests of this workspace, so a removed guest's old
-# component cannot linger as a fixture.
+# Copy exactly the guests (the cdylib members) of this workspace, so a
+# removed guest's old component cannot linger as a fixture; libraries such
+# as wasmsub-guest build no component of their own.
 rm -rf "$out_dir" && mkdir -p "$out_dir"
 members="$(cargo metadata --no-deps --format-version 1 --manifest-path "$root/guests/Cargo.toml" 2>/dev/null \
-    | python3 -c 'import json, sys; print(" ".join(p["name"] for p in json.load(sys.stdin)["packages"]))')"
+    | python3 -c 'import json, sys; print(" ".join(p["name"] for p in json.load(sys.stdin)["packages"] if any("cdylib" in t["crate_types"] for t in p["targets"])))')"
 [ -n "$members" ] || { log "could not list the guest workspace's members"; exit 1; }
 for member in $members; do
     wasm="$target_dir/wasm32-wasip2/release/${member//-/_}.wasm"

@@ -22,6 +22,9 @@ export DAPRD
 step "both guest toolchains build loadable components"
 bash scripts/check-guest-toolchains.sh
 
+step "guests' native tests (handlers against wasmsub-guest's test double)"
+CARGO_TARGET_DIR="$CARGO_TARGET_DIR/guests-native" cargo test --locked --manifest-path guests/Cargo.toml --workspace --quiet
+
 step "cargo test (target dir: $CARGO_TARGET_DIR)"
 cargo test --workspace --locked --no-fail-fast "$@"
 

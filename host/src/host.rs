@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::budget::{BudgetInputs, MemoryBudget};
 use crate::clock::{self, SharedClock};
 use crate::control::Deployer;
+use crate::control::journal::DeployJournal;
 use crate::control::registry::Registry;
 use crate::control::watch;
 use crate::delivery::{Delivery, Door};
@@ -187,6 +188,12 @@ impl Host {
             let (manifest, runtime) = (manifest.clone(), runtime.clone());
             Arc::new(tokio::task::spawn_blocking(move || Registry::load(&manifest, &runtime)).await??)
         };
+        let metrics = Arc::new(Metrics::new());
+        // Runtime deploys recorded by an earlier run serve again before any
+        // event runs.
+        let journal = Arc::new(DeployJournal::new(store.clone(), runtime.clone(), &registry));
+        let deployer = Deployer::new(registry.clone(), runtime.clone(), metrics.clone()).with_journal(journal);
+        deployer.restore().await?;
         let tasks = TaskTracker::new();
         let stopping = CancellationToken::new();
         let max_in_flight = options.max_in_flight.unwrap_or(2 * engine_config.instance_slots as usize);
@@ -198,7 +205,6 @@ impl Host {
             }
         };
         let relay_trigger = RelayTrigger::default();
-        let metrics = Arc::new(Metrics::new());
         let pipeline = Arc::new(Pipeline::new(PipelineParts {
             store: store.clone(),
             runtime: runtime.clone(),
@@ -234,7 +240,6 @@ impl Host {
         });
         tasks.spawn(relay::run(store.clone(), publisher, relay_trigger.clone(), stopping.clone()));
         tasks.spawn(purge_expired(store, stopping.clone()));
-        let deployer = Deployer::new(registry.clone(), runtime.clone(), metrics.clone());
         if options.watch {
             tasks.spawn(watch::start(registry.clone(), deployer.clone(), stopping.clone())?);
         }

@@ -18,7 +18,8 @@
 //! Around it: [`control`] (handlers, versions, deploys), [`manifest`] (the
 //! `wasmsub.toml` file), [`metrics`] (Prometheus), [`telemetry`] (OpenTelemetry traces), [`server`] (HTTP), [`host`] (assembly), [`clock`]
 //! (the time seam tests control), [`sidecar`] (Dapr's HTTP API), [`text`]
-//! (escaping what others wrote) and [`cli`] (the command's client and demo).
+//! (escaping what others wrote) and [`cli`] (the command's client, demo and
+//! `invoke`).
 #![deny(missing_docs)]
 
 mod budget;

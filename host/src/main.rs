@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use wasmsub::cli::{client, demo};
+use wasmsub::cli::{client, demo, invoke, new};
 use wasmsub::runtime::EngineConfig;
 use wasmsub::store::QueueLimits;
 use wasmsub::{Backend, HostOptions, Manifest};
@@ -28,6 +28,8 @@ struct Cli {
 const EXAMPLES: &str = "\
 Examples:
   wasmsub demo                                  # the todo demo, in-process
+  wasmsub new task-done --lang rust             # a handler project (rust, python or js) with its test
+  wasmsub invoke task_done.wasm --event event.json    # one event through a handler, no host
   wasmsub run --manifest examples/todo/wasmsub.toml
   wasmsub publish task-created '{\"id\":1,\"title\":\"write docs\"}'
   curl -X POST localhost:3500/v1.0/publish/pubsub/task-created -H 'content-type: application/json' -d '{\"id\":2,\"title\":\"ship\"}'
@@ -40,7 +42,8 @@ Examples:
   wasmsub state get --tenant todo --token $TOKEN 'task:3'
   curl -s localhost:3500/metrics                            # Prometheus metrics
 
-Exit codes: 0 success, 1 failure (the message says what and where), 2 bad usage.
+Exit codes: 0 success, 1 failure (the message says what and where), 2 bad usage
+(`invoke` adds 3 retry, 4 drop, 5 trap: see `wasmsub invoke --help`).
 Logs: RUST_LOG=debug (or wasmsub=debug) for more; WASMSUB_LOG_FORMAT=json for JSON lines.";
 
 #[derive(Subcommand)]
@@ -71,6 +74,76 @@ enum Command {
     Check {
         #[command(flatten)]
         host: HostArgs,
+    },
+    /// Run one event through a handler component, as the host would, and
+    /// print what it answered, wrote, published and logged.
+    ///
+    /// The component runs on the host's runtime, in the same sandbox and
+    /// with the same limits (a tenant's defaults, or a manifest tenant's
+    /// with --manifest), against an in-memory store seeded with --state.
+    /// Nothing is committed or published anywhere. One attempt: no retry and
+    /// no dead letter; the report says what the host would do next. Guest
+    /// text is escaped; --output json gives it as written.
+    #[command(after_help = "\
+Examples:
+  wasmsub invoke task_created.wasm --event task.json        # a CloudEvent, or JSON data to wrap in one
+  echo '{\"id\":7,\"title\":\"try\"}' | wasmsub invoke task_created.wasm --event -
+  wasmsub invoke recorder.wasm --event event.json --state count:k=41 --output json | jq .state_writes
+  wasmsub invoke task_created.wasm --event task.json -m wasmsub.toml --tenant todo   # that tenant's limits
+
+Exit codes: 0 success, 3 retry, 4 drop, 5 trap or limit hit, 1 failure (the host's, or a file that
+cannot be read or loaded; the message says which), 2 bad usage.")]
+    Invoke {
+        /// The handler component (`.wasm`).
+        component: PathBuf,
+        /// The event: a structured CloudEvent (JSON with `specversion`), or
+        /// JSON data to wrap in one; `-` reads it from stdin.
+        #[arg(long, value_name = "FILE|-")]
+        event: PathBuf,
+        /// The topic it arrived on (default: the event's `topic` attribute,
+        /// else `invoke`).
+        #[arg(long)]
+        topic: Option<String>,
+        /// The attempt number the handler sees (above 1: a retry).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        attempt: u32,
+        /// Seed the tenant's state with KEY=VALUE (repeatable).
+        #[arg(long = "state", value_name = "KEY=VALUE", value_parser = invoke::parse_state_arg)]
+        state: Vec<(String, String)>,
+        /// Seed the tenant's state from a JSON object: string values as
+        /// their text, other values as their JSON text (--state wins).
+        #[arg(long, value_name = "FILE")]
+        state_file: Option<PathBuf>,
+        /// A topic the handler may publish to (repeatable; default: any).
+        #[arg(long = "publish-topic", value_name = "TOPIC", conflicts_with = "manifest")]
+        publish_topics: Vec<String>,
+        /// Run as a tenant of this manifest: its limits, capabilities,
+        /// publish topics and state namespace.
+        #[arg(long, short)]
+        manifest: Option<PathBuf>,
+        /// The manifest's tenant (needed when it has several).
+        #[arg(long, requires = "manifest")]
+        tenant: Option<String>,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// Write a new handler project: the handler, its test, a sample event, a
+    /// manifest to run it, and the WIT contract this binary speaks.
+    #[command(after_help = "\
+Examples:
+  wasmsub new task-done --lang rust && cd task-done && cargo test
+  wasmsub new task-done --lang python --dir handlers/task-done
+  wasmsub new task-done --lang js")]
+    New {
+        /// The handler's name: also its topic, crate or module name
+        /// (lowercase letters, digits and `-`).
+        name: String,
+        /// The language.
+        #[arg(long, value_enum, default_value_t = new::Lang::Rust)]
+        lang: new::Lang,
+        /// Where to write it (default: ./NAME); must not exist or be empty.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Publish an event through a running host's (or Dapr sidecar's)
     /// publish API, as a CloudEvent whose id is printed.
@@ -279,10 +352,14 @@ fn main() -> ExitCode {
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
+        Err(error) => match error.downcast_ref::<invoke::Unsuccessful>() {
+            // `invoke` printed its report; the code says how the handler answered.
+            Some(unsuccessful) => ExitCode::from(unsuccessful.code),
+            None => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -311,6 +388,16 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let (manifest, options) = host.load()?;
             let handlers = wasmsub::check(&manifest, &options)?;
             println!("{}: manifest OK, {handlers} handler(s) loaded", host.manifest.display());
+            Ok(())
+        }
+        Command::Invoke { component, event, topic, attempt, state, state_file, publish_topics, manifest, tenant, output } => {
+            let invocation = invoke::Invocation { component, event, topic, attempt, state, state_file, publish_topics, manifest, tenant };
+            invoke::run(invocation, output.output).await
+        }
+        Command::New { name, lang, dir } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            let files = new::create(&dir, &name, lang)?;
+            println!("wrote {} files to {}; next:\n{}", files.len(), dir.display(), new::next_steps(&dir, lang));
             Ok(())
         }
         Command::Publish { topic, data, pubsub, content_type, id, event_type, url, output } => {

@@ -60,7 +60,7 @@ async fn twenty_swaps_under_a_steady_stream_lose_nothing_and_double_nothing() {
     }
 
     // Rollback returns to the version before.
-    let change = host.host.deployer().rollback("acme", "recorder").unwrap();
+    let change = host.host.deployer().rollback("acme", "recorder").await.unwrap();
     assert_eq!((&change.from, &change.to), (&deployed[20], &deployed[19]));
     host.publish("orders", &cloud_event("after-rollback", json!({}))).await.unwrap();
     assert_eq!(host.next_settled().await.handler_version, deployed[19]);

@@ -42,7 +42,7 @@ async fn metrics_count_what_happened_in_a_scripted_run() {
     assert!(matches!(host.next_settled().await.outcome, Outcome::DeadLettered { attempts: 1, .. }));
     let deployer = host.host.deployer();
     deployer.deploy("acme", "recorder", Path::new("v2"), std::fs::read(guests::ECHO).unwrap()).await.unwrap();
-    deployer.rollback("acme", "recorder").unwrap();
+    deployer.rollback("acme", "recorder").await.unwrap();
     assert!(deployer.deploy("acme", "recorder", Path::new("junk"), b"not wasm".to_vec()).await.is_err());
 
     // Scraped over HTTP, as Prometheus would.

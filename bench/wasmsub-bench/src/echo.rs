@@ -101,6 +101,7 @@ fn context(store: Arc<dyn DeliveryStore>) -> AttemptContext {
         wall_time: Duration::from_secs(5),
         max_state_bytes: u64::MAX,
         max_state_keys: u64::MAX,
+        guest_log: None,
     }
 }
 

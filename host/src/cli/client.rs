@@ -36,7 +36,8 @@ pub fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn emit_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+/// Writes `value` to stdout as pretty JSON (`--output json`).
+pub fn emit_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     emit(&format!("{}\n", serde_json::to_string_pretty(value)?))
 }
 

@@ -10,7 +10,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::registry::{AddError, Handler, Registry, Tenant};
+use anyhow::Context as _;
+
+use super::journal::{DeployJournal, HandlerId, Restored};
+use super::registry::{AddError, Handler, ROLLBACK_DEPTH, Registry, Tenant, VersionSet};
 use crate::manifest::HandlerConfig;
 use crate::metrics::Metrics;
 use crate::runtime::{HandlerComponent, LoadError, Runtime};
@@ -56,6 +59,10 @@ pub enum DeployError {
     /// A new handler's settings are invalid.
     #[error("cannot create the handler: {0}")]
     NewHandler(String),
+    /// The change could not be recorded in the store, so it would not
+    /// survive a restart: it was not made.
+    #[error("cannot record the deploy in the store (nothing changed; try again): {0}")]
+    NotRecorded(String),
 }
 
 /// What a deploy or rollback did.
@@ -110,13 +117,32 @@ pub struct Deployer {
     on_new_topic: Option<TopicHook>,
     events: tokio::sync::broadcast::Sender<DeployEvent>,
     metrics: Arc<Metrics>,
+    /// Where changes are recorded so a restart keeps them (none in tests
+    /// that do not care).
+    journal: Option<Arc<DeployJournal>>,
+    /// One change at a time: each is recorded, then installed.
+    changes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Deployer {
     /// A deployer for `registry`'s handlers, compiling with `runtime`.
     pub(crate) fn new(registry: Arc<Registry>, runtime: Runtime, metrics: Arc<Metrics>) -> Self {
         let (events, _) = tokio::sync::broadcast::channel(DEPLOY_EVENT_BUFFER);
-        Self { registry, runtime, on_new_topic: None, events, metrics }
+        Self { registry, runtime, on_new_topic: None, events, metrics, journal: None, changes: Arc::default() }
+    }
+
+    /// Records every change in `journal` before making it.
+    pub(crate) fn with_journal(mut self, journal: Arc<DeployJournal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Records that a handler is about to serve `versions`.
+    async fn record(&self, handler: &HandlerId<'_>, versions: &VersionSet, bytes: Option<&[u8]>) -> Result<(), DeployError> {
+        match &self.journal {
+            Some(journal) => journal.record(&self.registry, handler, versions, bytes).await.map_err(|e| DeployError::NotRecorded(e.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// Every later deploy and rollback, accepted or refused.
@@ -131,7 +157,7 @@ impl Deployer {
         // A rollback names no origin: it goes back to a version already held.
         // Names the host does not know are not counted (labels stay bounded).
         let action = match result {
-            Err(DeployError::UnknownTenant(_) | DeployError::UnknownHandler { .. }) => None,
+            Err(DeployError::UnknownTenant(_) | DeployError::UnknownHandler { .. } | DeployError::NotRecorded(_)) => None,
             Err(_) => Some("refused"),
             Ok(_) if origin.as_os_str().is_empty() => Some("rollback"),
             Ok(_) => Some("deploy"),
@@ -148,6 +174,72 @@ impl Deployer {
                 Err(error) => Err(error.to_string()),
             },
         });
+    }
+
+    /// Puts back what the journal recorded, before any event runs: the
+    /// serving version and rollback history of each handler deployed to
+    /// at runtime, and the handlers created at runtime. The manifest wins
+    /// for a handler whose component it changed since the deploy (logged).
+    pub(crate) async fn restore(&self) -> anyhow::Result<()> {
+        let Some(journal) = &self.journal else { return Ok(()) };
+        let recorded = journal.recorded().await.context("reading the deploy journal from the store")?;
+        for Restored { tenant, handler, record, components } in recorded {
+            if self.registry.tenant(&tenant).is_none() {
+                tracing::warn!(%tenant, %handler, "deploys were recorded for a tenant the manifest no longer names; not restored");
+                continue;
+            }
+            let (current, previous) = record.versions();
+            let previous: Vec<_> = previous.iter().filter_map(|v| components.get(v).cloned()).collect();
+            let recorded_current = components.get(current).cloned();
+            let Some(target) = self.registry.find(&tenant, &handler) else {
+                let (Some((pubsub, topic)), Some(current)) = (record.placement(), recorded_current) else {
+                    tracing::warn!(%tenant, %handler, "deploys were recorded for a handler the manifest no longer names; not restored");
+                    continue;
+                };
+                let config = crate::manifest::HandlerConfig::new(&handler, record.origin().to_owned(), pubsub, topic);
+                match self.registry.add(&tenant, config, current.clone()) {
+                    Ok(added) => {
+                        let versions = VersionSet { current, previous };
+                        tracing::info!(%tenant, %handler, topic, handler.version = %versions.current.short_version(), earlier = versions.previous.len(),
+                            "restored a handler created at runtime");
+                        added.install(versions);
+                    }
+                    Err(error) => tracing::warn!(%tenant, %handler, ?error, "a handler created at runtime cannot be restored"),
+                }
+                continue;
+            };
+            let manifest = target.current();
+            let versions = match recorded_current {
+                Some(current) if record.manifest_unchanged(&manifest.version) => {
+                    tracing::info!(%tenant, %handler, handler.version = %current.short_version(), manifest_version = %manifest.short_version(),
+                        earlier = previous.len(), "restored the version deployed at runtime (the manifest's component is unchanged since)");
+                    VersionSet { current, previous }
+                }
+                Some(current) if current.version == manifest.version => {
+                    // The manifest now names what was deployed (a watched file).
+                    VersionSet { current: manifest, previous: previous.into_iter().filter(|c| c.version != current.version).collect() }
+                }
+                current => {
+                    // The manifest's component changed since the deploy: it
+                    // serves, and what was deployed stays for rollback.
+                    let mut kept: Vec<_> = previous.into_iter().chain(current).filter(|c| c.version != manifest.version).collect();
+                    kept.drain(..kept.len().saturating_sub(ROLLBACK_DEPTH));
+                    tracing::warn!(%tenant, %handler, handler.version = %manifest.short_version(), earlier = kept.len(),
+                        "the manifest's component changed since the last runtime deploy: the manifest's version serves; the deployed ones are kept for rollback");
+                    VersionSet { current: manifest, previous: kept }
+                }
+            };
+            if let Err(error) = self.record(&HandlerId::of(&target), &versions, None).await {
+                tracing::warn!(%tenant, %handler, %error, "could not update the deploy journal after restoring");
+            }
+            target.install(versions);
+        }
+        let live = self.registry.handlers().iter().flat_map(|h| h.versions().all().map(|c| c.version.clone()).collect::<Vec<_>>()).collect();
+        let pruned = self.runtime.prune_cache(&live);
+        if pruned > 0 {
+            tracing::info!(cache_entries = pruned, "compile cache: dropped versions no handler can serve or roll back to");
+        }
+        Ok(())
     }
 
     /// Calls `hook` for each topic a new handler needs delivered.
@@ -188,8 +280,11 @@ impl Deployer {
         let owner = self.registry.tenant(tenant).ok_or_else(|| DeployError::UnknownTenant(tenant.into()))?;
         let config = HandlerConfig::new(handler, origin.to_owned(), &placement.pubsub, &placement.topic);
         crate::manifest::validate_runtime_handler(&config).map_err(|e| DeployError::NewHandler(format!("{e:#}")))?;
-        let component = self.compile_checked(&owner, origin, bytes).await?;
+        let component = self.compile_checked(&owner, origin, bytes.clone()).await?;
         let version = component.version.clone();
+        let _turn = self.changes.lock().await;
+        let versions = VersionSet { current: component.clone(), previous: Vec::new() };
+        self.record(&HandlerId { tenant, name: handler, config: &config }, &versions, Some(&bytes)).await?;
         self.registry.add(tenant, config, component).map_err(|e| match e {
             AddError::UnknownTenant(name) => DeployError::UnknownTenant(name),
             AddError::Invalid(why) => DeployError::NewHandler(why),
@@ -220,29 +315,39 @@ impl Deployer {
 
     async fn swap_in(&self, tenant: &str, handler: &str, origin: &Path, bytes: Vec<u8>) -> Result<VersionChange, DeployError> {
         let target = self.handler(tenant, handler)?;
-        let component = self.compile_checked(&target.tenant, origin, bytes).await?;
-        let old = target.swap(component);
-        let change = VersionChange {
-            tenant: tenant.into(),
-            handler: handler.into(),
-            from: old.version.clone(),
-            to: target.current().version.clone(),
+        let component = self.compile_checked(&target.tenant, origin, bytes.clone()).await?;
+        let _turn = self.changes.lock().await;
+        let before = target.versions();
+        let from = before.current.version.clone();
+        // Deploying the serving version again changes nothing.
+        let Some(after) = before.deployed(component) else {
+            return Ok(VersionChange { tenant: tenant.into(), handler: handler.into(), from: from.clone(), to: from });
         };
+        self.record(&HandlerId::of(&target), &after, Some(&bytes)).await?;
+        let to = after.current.version.clone();
+        target.install(after);
+        let change = VersionChange { tenant: tenant.into(), handler: handler.into(), from, to };
         tracing::info!(tenant, handler, from = %&change.from[..12], to = %&change.to[..12], origin = %origin.display(),
             "handler version deployed; new attempts run on it");
         Ok(change)
     }
 
     /// Returns a handler to the version before its current one.
-    pub fn rollback(&self, tenant: &str, handler: &str) -> Result<VersionChange, DeployError> {
-        let result = self.handler(tenant, handler).and_then(|target| {
-            let (from, to) = target
-                .rollback()
-                .ok_or_else(|| DeployError::NothingToRollBack { tenant: tenant.into(), handler: handler.into() })?;
-            tracing::info!(tenant, handler, from = %&from.version[..12], to = %&to.version[..12], "handler rolled back");
-            Ok(VersionChange { tenant: tenant.into(), handler: handler.into(), from: from.version.clone(), to: to.version.clone() })
-        });
+    pub async fn rollback(&self, tenant: &str, handler: &str) -> Result<VersionChange, DeployError> {
+        let result = self.roll_back(tenant, handler).await;
         self.announce(tenant, handler, Path::new(""), &result);
         result
+    }
+
+    async fn roll_back(&self, tenant: &str, handler: &str) -> Result<VersionChange, DeployError> {
+        let target = self.handler(tenant, handler)?;
+        let _turn = self.changes.lock().await;
+        let before = target.versions();
+        let after = before.rolled_back().ok_or_else(|| DeployError::NothingToRollBack { tenant: tenant.into(), handler: handler.into() })?;
+        self.record(&HandlerId::of(&target), &after, None).await?;
+        let (from, to) = (before.current.version.clone(), after.current.version.clone());
+        target.install(after);
+        tracing::info!(tenant, handler, from = %&from[..12], to = %&to[..12], "handler rolled back");
+        Ok(VersionChange { tenant: tenant.into(), handler: handler.into(), from, to })
     }
 }

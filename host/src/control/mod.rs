@@ -4,9 +4,11 @@
 //!   runtime), indexed the ways deliveries arrive;
 //! - [`deploy`]: hot swap and rollback, every new version checked by one
 //!   `compile_checked` before it serves;
+//! - [`journal`]: deploys recorded in the store and restored at start;
 //! - [`watch`]: deploy on file change (`wasmsub run --watch`).
 
 mod deploy;
+pub(crate) mod journal;
 pub(crate) mod registry;
 pub(crate) mod watch;
 

@@ -90,16 +90,50 @@ pub struct Handler {
     pub dead_letter_topic: String,
     /// What its deliveries came to.
     pub counts: HandlerCounts,
-    versions: RwLock<Versions>,
+    versions: RwLock<VersionSet>,
 }
 
 /// Versions kept for rollback, besides the current one.
 pub const ROLLBACK_DEPTH: usize = 8;
 
-/// The serving version and the ones before it (newest last).
-struct Versions {
-    current: Arc<HandlerComponent>,
-    previous: Vec<Arc<HandlerComponent>>,
+/// A handler's serving version and the ones a rollback returns to (newest
+/// last). Changes are computed as new sets, so a deploy can be recorded
+/// before it is installed.
+#[derive(Clone)]
+pub struct VersionSet {
+    /// The version new attempts run on.
+    pub current: Arc<HandlerComponent>,
+    /// Earlier versions, newest last, at most [`ROLLBACK_DEPTH`].
+    pub previous: Vec<Arc<HandlerComponent>>,
+}
+
+impl VersionSet {
+    /// The set with `component` serving and the current one kept for
+    /// rollback; `None` if `component` serves already.
+    pub fn deployed(&self, component: Arc<HandlerComponent>) -> Option<Self> {
+        if self.current.version == component.version {
+            return None;
+        }
+        let mut previous = self.previous.clone();
+        previous.push(self.current.clone());
+        if previous.len() > ROLLBACK_DEPTH {
+            previous.remove(0);
+        }
+        Some(Self { current: component, previous })
+    }
+
+    /// The set returned to the version before the current one; `None` if
+    /// there is none.
+    pub fn rolled_back(&self) -> Option<Self> {
+        let mut previous = self.previous.clone();
+        let current = previous.pop()?;
+        Some(Self { current, previous })
+    }
+
+    /// Every version in the set, current last.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<HandlerComponent>> {
+        self.previous.iter().chain(std::iter::once(&self.current))
+    }
 }
 
 impl Handler {
@@ -109,28 +143,16 @@ impl Handler {
         self.versions.read().unwrap_or_else(|p| p.into_inner()).current.clone()
     }
 
-    /// Switches new events to `component` atomically; returns the version
-    /// it replaced. Deploying the serving version again changes nothing.
-    pub fn swap(&self, component: Arc<HandlerComponent>) -> Arc<HandlerComponent> {
-        let mut versions = self.versions.write().unwrap_or_else(|p| p.into_inner());
-        if versions.current.version == component.version {
-            return versions.current.clone();
-        }
-        let old = std::mem::replace(&mut versions.current, component);
-        versions.previous.push(old.clone());
-        if versions.previous.len() > ROLLBACK_DEPTH {
-            versions.previous.remove(0);
-        }
-        old
+    /// The serving version and the earlier ones.
+    pub fn versions(&self) -> VersionSet {
+        self.versions.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Returns to the version before the current one; `(from, to)`, or
-    /// `None` when there is none to return to.
-    pub fn rollback(&self) -> Option<(Arc<HandlerComponent>, Arc<HandlerComponent>)> {
-        let mut versions = self.versions.write().unwrap_or_else(|p| p.into_inner());
-        let previous = versions.previous.pop()?;
-        let from = std::mem::replace(&mut versions.current, previous.clone());
-        Some((from, previous))
+    /// Makes `versions` the handler's, atomically: new attempts run on its
+    /// current version. The caller ([`crate::control::deploy::Deployer`])
+    /// serialises changes.
+    pub fn install(&self, versions: VersionSet) {
+        *self.versions.write().unwrap_or_else(|p| p.into_inner()) = versions;
     }
 
     /// Versions that a rollback could return to, newest last.
@@ -213,7 +235,7 @@ fn new_handler(tenant: &Arc<Tenant>, config: &HandlerConfig, component: Arc<Hand
         dead_letter_topic: config.dead_letter_topic(),
         config: config.clone(),
         counts: HandlerCounts::default(),
-        versions: RwLock::new(Versions { current: component, previous: Vec::new() }),
+        versions: RwLock::new(VersionSet { current: component, previous: Vec::new() }),
     })
 }
 

@@ -52,6 +52,7 @@ impl Pipeline {
             wall_time: tenant.limits.wall_time,
             max_state_bytes: tenant.limits.max_state_bytes,
             max_state_keys: tenant.limits.max_state_keys,
+            guest_log: None,
         };
         let started = std::time::Instant::now();
         // One span per attempt, a child of the delivery's.

@@ -10,7 +10,7 @@
 pub(crate) mod commit;
 pub(crate) mod dead_letter;
 pub(crate) mod dedupe;
-mod dispatch;
+pub(crate) mod dispatch;
 pub(crate) mod effects;
 pub(crate) mod flow;
 pub(crate) mod outcome;

@@ -59,6 +59,26 @@ impl CompileCache {
         }
     }
 
+    /// Removes every entry but those of the versions in `keep` built by this
+    /// engine (entries of other engines are of no use to it: a wasmtime
+    /// upgrade leaves them behind). Best effort; returns how many went.
+    pub fn prune(&self, keep: &std::collections::HashSet<String>) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return 0 };
+        let suffix = format!("-{}.cwasm", self.engine_key);
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".cwasm") {
+                continue;
+            }
+            let kept = name.strip_suffix(&suffix).is_some_and(|version| keep.contains(version));
+            if !kept && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Stores a compilation (best effort: a cache that cannot be written
     /// only costs a recompile at the next start).
     pub fn store(&self, version: &str, component: &Component) {

@@ -43,10 +43,14 @@ pub struct EngineConfig {
     pub consume_fuel: bool,
 }
 
-/// A Rust guest component has a few core instances (its module plus the
-/// shims wit-component adds) and one or two tables; these ratios size the
-/// pool's core-instance and table counts from `instance_slots`.
-const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+/// Core instances one component may contain. A Rust guest has a few (its
+/// module plus the shims wit-component adds), a JavaScript one
+/// (componentize-js) 4, a Python one (componentize-py) 14: 32 leaves room.
+/// It is a bound, not a reservation: the pool allocates an instance's
+/// metadata when it is made (docs/SECURITY.md, "Pool limits").
+const CORE_INSTANCES_PER_COMPONENT: u32 = 32;
+/// Tables one component may have; these ratios size the pool's core-instance
+/// and table counts from `instance_slots`.
 const TABLES_PER_COMPONENT: u32 = 4;
 /// Instances one store may create: the component and its core instances.
 pub const MAX_INSTANCES_PER_STORE: usize = CORE_INSTANCES_PER_COMPONENT as usize + 2;

@@ -2,7 +2,7 @@
 //! (`log`, `state`, `publisher`). Each attempt gets a fresh `AttemptState`:
 //! no buffer, counter or WASI resource outlives the attempt.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -56,6 +56,35 @@ pub struct AttemptContext {
     pub max_state_bytes: u64,
     /// See `max_state_bytes`.
     pub max_state_keys: u64,
+    /// Where the guest's log lines go instead of the host's log (target
+    /// `wasmsub::guest`) when set: `wasmsub invoke` prints them in its report.
+    pub guest_log: Option<GuestLog>,
+}
+
+/// A sink for the lines a guest writes (see [`AttemptContext::guest_log`]).
+pub type GuestLog = Arc<Mutex<Vec<GuestLine>>>;
+
+/// One line a guest wrote, as it wrote it (cut like the host's log lines,
+/// not escaped: escape it before it reaches a terminal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestLine {
+    /// The level `log.write` was called with; `INFO` for stdout and stderr.
+    pub level: tracing::Level,
+    /// `log` (the handler world's `log.write`), `stdout` or `stderr`.
+    pub source: &'static str,
+    /// The text.
+    pub message: String,
+}
+
+impl AttemptContext {
+    /// Hands a guest's line to [`Self::guest_log`]; false if there is none
+    /// (the caller logs it).
+    pub(super) fn capture(&self, level: tracing::Level, source: &'static str, message: &str) -> bool {
+        let Some(sink) = &self.guest_log else { return false };
+        let line = GuestLine { level, source, message: message.to_owned() };
+        sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line);
+        true
+    }
 }
 
 pub struct AttemptState {
@@ -166,6 +195,16 @@ impl log::Host for AttemptState {
             line.push_str(" [cut]");
         }
         let ctx = &self.ctx;
+        let as_tracing = match level {
+            GuestLogLevel::Trace => tracing::Level::TRACE,
+            GuestLogLevel::Debug => tracing::Level::DEBUG,
+            GuestLogLevel::Info => tracing::Level::INFO,
+            GuestLogLevel::Warn => tracing::Level::WARN,
+            GuestLogLevel::Error => tracing::Level::ERROR,
+        };
+        if ctx.capture(as_tracing, "log", &line) {
+            return;
+        }
         macro_rules! guest_log {
             ($level:expr) => {
                 tracing::event!(target: "wasmsub::guest", $level,

@@ -184,7 +184,8 @@ pub(crate) fn cut(reason: String) -> String {
 }
 
 /// The guest's stdout and stderr, line by line into the host's logs with
-/// the attempt's fields, within the attempt's log budget.
+/// the attempt's fields (or the context's guest log), within the attempt's
+/// log budget.
 fn forward_stdio(state: &mut AttemptState) {
     for (stream, bytes) in [("stdout", state.stdout.contents()), ("stderr", state.stderr.contents())] {
         for line in String::from_utf8_lossy(&bytes).lines().filter(|l| !l.trim().is_empty()) {
@@ -192,6 +193,9 @@ fn forward_stdio(state: &mut AttemptState) {
                 break;
             }
             let ctx = &state.ctx;
+            if ctx.capture(tracing::Level::INFO, stream, line) {
+                continue;
+            }
             tracing::info!(target: "wasmsub::guest", tenant = %ctx.tenant, handler = %ctx.handler,
                 handler.version = %ctx.version, messaging.message.id = %printable(&ctx.event_id), stream, "{}", printable(line));
         }

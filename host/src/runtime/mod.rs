@@ -26,7 +26,7 @@ use wasmtime::component::{HasSelf, Linker};
 pub use bindings::{Disposition, Event, GuestLogLevel, HANDLER_WORLD};
 pub use component::{HandlerComponent, LoadError};
 pub use engine::EngineConfig;
-pub use host_state::AttemptContext;
+pub use host_state::{AttemptContext, GuestLine, GuestLog};
 pub use invoke::{AttemptResult, StoppedBy};
 #[cfg(feature = "bench")]
 pub use invoke::ReusedInstance;
@@ -87,6 +87,13 @@ impl Runtime {
     /// Loads and checks component bytes; `origin` names them in errors.
     pub fn load_bytes(&self, origin: &Path, bytes: &[u8]) -> Result<HandlerComponent, LoadError> {
         component::from_bytes(&self.engine, &self.linker, self.cache.as_ref(), origin, bytes)
+    }
+
+    /// Drops compiled components of every version not in `keep` from the
+    /// on-disk cache, so it holds what the handlers can serve or roll back
+    /// to and no more. Returns how many entries went.
+    pub fn prune_cache(&self, keep: &std::collections::HashSet<String>) -> usize {
+        self.cache.as_ref().map_or(0, |cache| cache.prune(keep))
     }
 
     /// Runs one attempt on a fresh instance, once an instance slot is free.

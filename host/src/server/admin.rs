@@ -106,6 +106,7 @@ fn deploy_error(failure: DeployError) -> Response {
         DeployError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         DeployError::Invalid(_) | DeployError::NewHandler(_) => StatusCode::UNPROCESSABLE_ENTITY,
         DeployError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        DeployError::NotRecorded(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, &failure.to_string())
 }
@@ -147,7 +148,7 @@ async fn rollback(State(state): State<AdminState>, Path((tenant, handler)): Path
     if let Err((status, why)) = authorize(&state, &headers) {
         return error(status, why);
     }
-    match state.deployer.rollback(&tenant, &handler) {
+    match state.deployer.rollback(&tenant, &handler).await {
         Ok(change) => Json(change).into_response(),
         Err(failure) => deploy_error(failure),
     }

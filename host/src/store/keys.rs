@@ -46,6 +46,11 @@ pub fn dapr_claim_key(encoded: &str) -> String {
 
 /// The Dapr state key of a tenant's state entry: the tenant's name is
 /// length-prefixed, so no key string reaches another tenant's entries.
+pub fn dapr_record_key(key: &str) -> String {
+    format!("wasmsub|record|{key}")
+}
+
+/// The Dapr state key of a tenant's state `key`.
 pub fn dapr_state_key(tenant: &str, key: &str) -> String {
     format!("wasmsub|state|{}:{tenant}|{key}", tenant.len())
 }

@@ -34,6 +34,7 @@ struct Inner {
     next_outbox_id: OutboxId,
     dead_letters: VecDeque<Vec<u8>>,
     usage: HashMap<String, StateUsage>,
+    records: HashMap<String, Vec<u8>>,
 }
 
 /// Dead-letter records kept for listing.
@@ -45,6 +46,18 @@ impl MemoryStore {
         Self { inner: Mutex::default(), clock }
     }
 
+    /// Writes `value` under `key` in `namespace` outside any event, as a
+    /// commit would (a new version, counted in the namespace's usage):
+    /// `wasmsub invoke` seeds the state a handler reads this way.
+    pub fn seed_state(&self, namespace: &str, key: &str, value: Vec<u8>) {
+        let mut inner = self.lock();
+        inner.next_version += 1;
+        let version = inner.next_version;
+        let new = value.len();
+        let old = inner.state.insert((namespace.to_owned(), key.to_owned()), (value, version));
+        inner.usage.entry(namespace.to_owned()).or_default().apply(key.len(), old.map(|(o, _)| o.len()), Some(new));
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a half-applied commit
         // (each commit checks before it writes), so poisoning is ignored.
@@ -54,6 +67,19 @@ impl MemoryStore {
 
 #[async_trait]
 impl DeliveryStore for MemoryStore {
+    async fn get_record(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().records.get(key).cloned())
+    }
+
+    async fn put_record(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        match value {
+            Some(value) => inner.records.insert(key.to_owned(), value.to_vec()),
+            None => inner.records.remove(key),
+        };
+        Ok(())
+    }
+
     async fn claim(&self, key: &DedupeKey, lease: Duration) -> Result<Claim, StoreError> {
         let key = key.encoded();
         let mut inner = self.lock();

@@ -187,6 +187,17 @@ pub trait DeliveryStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// A host record (the deploy journal: `control/journal.rs`), kept
+    /// apart from every tenant's state; `None` if absent.
+    async fn get_record(&self, _key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
+    }
+
+    /// Writes a host record (durably, before returning); `None` deletes it.
+    async fn put_record(&self, _key: &str, _value: Option<&[u8]>) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable(anyhow::anyhow!("this store keeps no host records")))
+    }
+
     /// Why the store cannot be used right now, if it knows (readiness).
     fn trouble(&self) -> Option<String> {
         None

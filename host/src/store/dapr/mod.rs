@@ -39,7 +39,7 @@ use super::claim::{self, Claim, ClaimToken, Record};
 use super::keys::{self, DedupeKey};
 use super::{Commit, DeliveryStore, OutboundMessage, OutboxId, StateRead, StoreError};
 use crate::clock::SharedClock;
-use crate::sidecar::{Sidecar, SidecarError, StateItem};
+use crate::sidecar::{Operation, Sidecar, SidecarError, StateItem};
 
 /// Claims outlive their lease by this much in the store, so an expired claim
 /// is still there to be taken over (with its ETag), then vanishes by TTL.
@@ -241,6 +241,22 @@ impl DeliveryStore for DaprStore {
 
     async fn finish(&self, commit: Commit<'_>) -> Result<Vec<OutboxId>, StoreError> {
         self.finish_commit(commit).await
+    }
+
+    async fn get_record(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.sidecar.get_state(&self.store_name, &keys::dapr_record_key(key)).await.map_err(unavailable)? {
+            Some((bytes, _)) => Ok(Some(values::decode_body(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_record(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let key = keys::dapr_record_key(key);
+        let result = match value {
+            Some(value) => self.sidecar.save_state(&self.store_name, &[StateItem::new(key, Some(values::encode(value)))]).await,
+            None => self.sidecar.transaction(&self.store_name, &[Operation::delete(key)]).await,
+        };
+        result.map_err(unavailable)
     }
 
     async fn read_state(&self, tenant: &str, key: &str) -> Result<StateRead, StoreError> {

@@ -22,6 +22,9 @@ pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead
 /// the queue when such a store is opened.
 pub const LEGACY_OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
+/// Host records (the deploy journal), by key; apart from tenant state.
+pub const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+
 /// The file's format: what [`upgrade`] brings an older file to.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Version 2: state values carry their version.

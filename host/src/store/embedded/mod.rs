@@ -35,7 +35,7 @@ use super::{
 };
 use crate::clock::{self, SharedClock};
 use crate::cloudevent::CLOUDEVENTS_JSON;
-use codec::{DEAD_LETTERS, LEGACY_OUTBOX, QUEUE, STATE, decode_message, decode_origin_and_size};
+use codec::{DEAD_LETTERS, LEGACY_OUTBOX, QUEUE, RECORDS, STATE, decode_message, decode_origin_and_size};
 use handle::DbHandle;
 use writer::{Applied, FinishOp, Op, SharedUsage, Writer};
 
@@ -229,6 +229,36 @@ impl DeliveryStore for EmbeddedStore {
                 None => StateRead::default(),
             })
         })
+    }
+
+    async fn get_record(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read("reading a host record", |txn| match txn.open_table(RECORDS) {
+            Ok(table) => Ok(table.get(key)?.map(|row| row.value().to_vec())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(error) => Err(error.into()),
+        })
+    }
+
+    /// Deploys are rare: a transaction of its own (it waits for the
+    /// writer's current batch), fsynced before returning.
+    async fn put_record(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let db = self.handle.get()?;
+        let (key, value) = (key.to_owned(), value.map(<[u8]>::to_vec));
+        let written = tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(RECORDS)?;
+                match &value {
+                    Some(value) => drop(table.insert(key.as_str(), value.as_slice())?),
+                    None => drop(table.remove(key.as_str())?),
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|error| StoreError::Unavailable(anyhow::anyhow!("writing a host record: {error}")))?;
+        written.map_err(|error| read_failed("writing a host record", &self.handle, error))
     }
 
     async fn pending_outbox(&self, _limit: usize) -> Result<Vec<(OutboxId, OutboundMessage)>, StoreError> {
