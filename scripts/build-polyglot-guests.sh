@@ -59,7 +59,8 @@ trap 'rm -rf "$work"' EXIT
 # interrupted install, removed and done again.
 
 ensure_python_toolchain() {
-    [ -f "$py_env/.complete" ] && return 0
+    # A venv breaks when its base Python is removed: then it is made again.
+    [ -f "$py_env/.complete" ] && "$py_env/bin/python" -c '' 2>/dev/null && return 0
     command -v python3 >/dev/null || die "python toolchain: python3 is not installed (needed to create the venv for componentize-py)"
     log "installing componentize-py $COMPONENTIZE_PY_VERSION into $py_env"
     rm -rf "$py_env"

@@ -1,4 +1,5 @@
-//! Builds the guest components (scripts/build-guests.sh) and generates one
+//! Builds the guest components (scripts/build-guests.sh for Rust,
+//! scripts/build-polyglot-guests.sh for Python and JavaScript) and generates one
 //! constant per component, named for its behaviour (`FLAKY`, `POISON`, ...),
 //! so tests refer to fixtures by name and a missing one fails to compile.
 
@@ -11,7 +12,7 @@ fn main() {
     // Relative to this package: the build cache is shared by clones at
     // other paths, and an absolute path would watch another clone's files
     // (a stale fixture that hides a change).
-    for watched in ["../guests", "../wit", "../scripts/build-guests.sh"] {
+    for watched in ["../guests", "../wit", "../scripts/build-guests.sh", "../scripts/build-polyglot-guests.sh"] {
         println!("cargo:rerun-if-changed={watched}");
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("guests");
@@ -21,6 +22,14 @@ fn main() {
         .status()
         .expect("running scripts/build-guests.sh");
     assert!(status.success(), "scripts/build-guests.sh failed: see its output above");
+    // The Python and JavaScript guests, after the Rust ones (whose script
+    // empties the directory first).
+    let status = Command::new("bash")
+        .arg(root.join("scripts/build-polyglot-guests.sh"))
+        .arg(&out_dir)
+        .status()
+        .expect("running scripts/build-polyglot-guests.sh");
+    assert!(status.success(), "scripts/build-polyglot-guests.sh failed: see its output above");
     write_constants(&out_dir);
 }
 

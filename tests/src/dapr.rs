@@ -13,7 +13,7 @@ use wasmsub::store::keys::dapr_state_key;
 
 use crate::cloud_event;
 
-pub use crate::process::{Process, START_TIMEOUT, free_port, repo_root, wait_for_port};
+pub use crate::process::{Process, START_TIMEOUT, free_port, repo_root, wait_for_http, wait_for_port};
 
 /// The daprd binary: `$DAPRD` (scripts/test.sh sets it), else whatever
 /// scripts/get-daprd.sh finds or builds.
@@ -249,7 +249,7 @@ pub fn start_host_with(binary: &str, name: &str, manifest: &Path, daprd: &Daprd,
             .envs(env.iter().copied()),
         log_dir,
     );
-    wait_for_port(daprd.app_port, &process);
+    wait_for_http(daprd.app_port, "/healthz", &process);
     process
 }
 

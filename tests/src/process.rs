@@ -90,11 +90,46 @@ impl Drop for Process {
     }
 }
 
-/// Waits until `port` accepts connections, or fails with the process's log.
+/// Waits until `port` answers HTTP `GET path` with a 2xx (a host binds its
+/// port before it has loaded its components, so an open port is not yet
+/// a serving host); fails like [`wait_for_port`] on a stall.
+pub fn wait_for_http(port: u16, path: &str, process: &Process) {
+    use std::io::{Read, Write};
+    let mut last_log_len = 0;
+    let mut since = Instant::now();
+    loop {
+        let answered = std::net::TcpStream::connect(("127.0.0.1", port)).ok().and_then(|mut stream| {
+            stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).ok()?;
+            Some(head.starts_with(b"HTTP/1.1 2"))
+        });
+        if answered == Some(true) {
+            return;
+        }
+        let log_len = std::fs::metadata(&process.log).map(|m| m.len()).unwrap_or(0);
+        if log_len != last_log_len {
+            (last_log_len, since) = (log_len, Instant::now());
+        }
+        assert!(since.elapsed() < START_TIMEOUT, "{} did not serve {path} on {port}:\n{}", process.name, process.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `port` accepts connections, or fails with the process's log
+/// once it has written nothing new for [`START_TIMEOUT`]: a host compiling
+/// large components logs each one it loads, so a slow start is progress and
+/// only a stalled one fails.
 pub fn wait_for_port(port: u16, process: &Process) {
-    let deadline = Instant::now() + START_TIMEOUT;
+    let mut last_log_len = 0;
+    let mut since = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{} did not listen on {port}:\n{}", process.name, process.log_text());
+        let log_len = std::fs::metadata(&process.log).map(|m| m.len()).unwrap_or(0);
+        if log_len != last_log_len {
+            (last_log_len, since) = (log_len, Instant::now());
+        }
+        assert!(since.elapsed() < START_TIMEOUT, "{} did not listen on {port}:\n{}", process.name, process.log_text());
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -18,6 +18,30 @@ use crate::manifest::HandlerConfig;
 use crate::metrics::Metrics;
 use crate::runtime::{HandlerComponent, LoadError, Runtime};
 
+/// How long start-up waits for the store to answer the deploy journal: a
+/// sidecar reports healthy before its state API serves (daprd loads its
+/// components once the app's port is open), and Redis may come up late.
+const JOURNAL_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The journal's records, once the store answers (retried with backoff up
+/// to [`JOURNAL_WAIT`]): serving before restoring would run events on
+/// versions about to be replaced.
+async fn read_journal(journal: &DeployJournal) -> anyhow::Result<Vec<Restored>> {
+    let deadline = tokio::time::Instant::now() + JOURNAL_WAIT;
+    let mut backoff = crate::pipeline::Backoff::new(std::time::Duration::from_millis(200), std::time::Duration::from_secs(5));
+    loop {
+        match journal.recorded().await {
+            Ok(recorded) => return Ok(recorded),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                let wait = backoff.next_delay();
+                tracing::warn!(%error, retry_in = %humantime::format_duration(wait), "cannot read the deploy journal yet; the host serves once it can");
+                tokio::time::sleep(wait).await;
+            }
+            Err(error) => return Err(error).context(format!("reading the deploy journal from the store (tried for {JOURNAL_WAIT:?})")),
+        }
+    }
+}
+
 /// Why a deploy or rollback was refused; the serving version is unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
@@ -182,7 +206,7 @@ impl Deployer {
     /// for a handler whose component it changed since the deploy (logged).
     pub(crate) async fn restore(&self) -> anyhow::Result<()> {
         let Some(journal) = &self.journal else { return Ok(()) };
-        let recorded = journal.recorded().await.context("reading the deploy journal from the store")?;
+        let recorded = read_journal(journal).await?;
         for Restored { tenant, handler, record, components } in recorded {
             if self.registry.tenant(&tenant).is_none() {
                 tracing::warn!(%tenant, %handler, "deploys were recorded for a tenant the manifest no longer names; not restored");

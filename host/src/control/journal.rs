@@ -11,9 +11,9 @@
 //! are kept for rollback (logged as a warning either way).
 //!
 //! Records live apart from tenant state (`DeliveryStore::put_record`):
-//! - `deploys/index`: the handlers with records, and the stored components;
-//! - `deploys/handler/{len}:{tenant}/{handler}`: a [`HandlerRecord`];
-//! - `deploys/component/{sha256}`: a component's bytes, written once.
+//! - `deploys|index`: the handlers with records, and the stored components;
+//! - `deploys|handler|{len}:{tenant}|{handler}`: a [`HandlerRecord`];
+//! - `deploys|component|{sha256}`: a component's bytes, written once.
 //!
 //! Components no handler can serve or roll back to any more are deleted
 //! from the journal and from the compile cache, so both stay bounded
@@ -30,15 +30,17 @@ use super::registry::{Handler, Registry, VersionSet};
 use crate::runtime::{HandlerComponent, Runtime};
 use crate::store::{DeliveryStore, StoreError};
 
-const INDEX_KEY: &str = "deploys/index";
+// No `/` in keys: Dapr's HTTP router decodes `%2F` in a state key's path
+// segment and then finds no route.
+const INDEX_KEY: &str = "deploys|index";
 
 fn handler_key(tenant: &str, handler: &str) -> String {
     // The tenant's length first: no pair of names can make the same key.
-    format!("deploys/handler/{}:{tenant}/{handler}", tenant.len())
+    format!("deploys|handler|{}:{tenant}|{handler}", tenant.len())
 }
 
 fn component_key(version: &str) -> String {
-    format!("deploys/component/{version}")
+    format!("deploys|component|{version}")
 }
 
 /// Which handlers have records, and which components are stored.

@@ -80,6 +80,9 @@ pub fn from_bytes(
     let component = match cache.and_then(|cache| cache.load(engine, &version)) {
         Some(component) => component,
         None => {
+            // Large components (Python, JavaScript) take seconds: say why
+            // start-up or a deploy is waiting.
+            tracing::info!(path = %path.display(), bytes = bytes.len(), "compiling component (not in the compile cache)");
             let component = Component::from_binary(engine, bytes)
                 .map_err(|e| LoadError::Invalid { path: path.to_owned(), reason: one_line(&format!("{e:#}")) })?;
             if let Some(cache) = cache {
