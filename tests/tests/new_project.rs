@@ -71,3 +71,36 @@ fn a_name_that_cannot_be_a_topic_is_refused_and_nothing_is_written() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("not a handler name"));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// The pinned toolchain `scripts/build-polyglot-guests.sh` installed, if it
+/// did: the project's build.sh uses it rather than installing its own.
+fn polyglot_tool(relative: &str) -> Option<PathBuf> {
+    let path = cache_dir().join("polyglot/toolchains").join(relative);
+    path.exists().then_some(path)
+}
+
+/// `wasmsub new --lang LANG`, then the project's own test.sh: its native
+/// tests, its build, and `wasmsub invoke` of the component on its sample
+/// event (which exits 0 only on success).
+fn scaffold_passes_its_test_script(lang: &str, tool_env: (&str, Option<PathBuf>)) {
+    let dir = tempfile::tempdir().unwrap();
+    let project = scaffold(dir.path(), "task-done", lang);
+    let mut test = clean("bash");
+    test.arg("test.sh").current_dir(&project).env("WASMSUB", WASMSUB);
+    if let (name, Some(path)) = tool_env {
+        test.env(name, path);
+    }
+    let report = run(&mut test, &format!("test.sh of the new {lang} project"));
+    assert!(report.contains("disposition: success"), "{report}");
+    assert!(report.contains("set seen:7 = 5") && report.contains("task-done-seen"), "{report}");
+}
+
+#[test]
+fn a_new_python_project_passes_its_tests_builds_and_runs_an_event() {
+    scaffold_passes_its_test_script("python", ("WASMSUB_COMPONENTIZE_PY", polyglot_tool("python-componentize-py-0.25.1/bin/componentize-py")));
+}
+
+#[test]
+fn a_new_javascript_project_passes_its_tests_builds_and_runs_an_event() {
+    scaffold_passes_its_test_script("js", ("WASMSUB_COMPONENTIZE_JS", polyglot_tool("node-jco-1.35.0-componentize-js-0.23.0/node_modules")));
+}

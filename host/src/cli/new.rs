@@ -46,9 +46,31 @@ const RUST: &[Template] = &[
     template!("wasmsub-guest/src/testing.rs", "../../../guests/wasmsub-guest/src/testing.rs"),
 ];
 
-const PYTHON: &[Template] = &[];
+const PYTHON: &[Template] = &[
+    template!("handler.py", "../../templates/python/handler.py.tmpl"),
+    template!("app.py", "../../templates/python/app.py.tmpl"),
+    template!("test_handler.py", "../../templates/python/test_handler.py.tmpl"),
+    template!("build.sh", "../../templates/python/build.sh.tmpl"),
+    template!("test.sh", "../../templates/python/test.sh.tmpl"),
+    template!("README.md", "../../templates/python/README.md.tmpl"),
+    template!("event.json", "../../templates/python/event.json.tmpl"),
+    template!("wasmsub.toml", "../../templates/python/wasmsub.toml.tmpl"),
+    template!(".gitignore", "../../templates/python/gitignore.tmpl"),
+];
 
-const JS: &[Template] = &[];
+const JS: &[Template] = &[
+    template!("handler.js", "../../templates/js/handler.js.tmpl"),
+    template!("index.js", "../../templates/js/index.js.tmpl"),
+    template!("handler.test.js", "../../templates/js/handler.test.js.tmpl"),
+    template!("package.json", "../../templates/js/package.json.tmpl"),
+    template!("build.mjs", "../../templates/js/build.mjs.tmpl"),
+    template!("build.sh", "../../templates/js/build.sh.tmpl"),
+    template!("test.sh", "../../templates/js/test.sh.tmpl"),
+    template!("README.md", "../../templates/js/README.md.tmpl"),
+    template!("event.json", "../../templates/js/event.json.tmpl"),
+    template!("wasmsub.toml", "../../templates/js/wasmsub.toml.tmpl"),
+    template!(".gitignore", "../../templates/js/gitignore.tmpl"),
+];
 
 /// Where each language's project puts the WIT, and its built component.
 fn layout(lang: Lang) -> (&'static [Template], &'static str, &'static str) {
