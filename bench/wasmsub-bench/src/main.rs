@@ -4,6 +4,7 @@
 //! entry points (a reused instance, a profiled attempt) the service never has.
 
 mod echo;
+mod languages;
 mod soak;
 mod swap;
 mod tenants;
@@ -66,6 +67,18 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         rate: u32,
     },
+    /// What a handler's language costs: size, compile, start from cache,
+    /// fresh instance and end-to-end latency of the same task-created logic
+    /// built from Rust, Python and JavaScript.
+    Languages {
+        /// LABEL=COMPONENT, repeatable (default: the three task-created
+        /// builds in target/guests).
+        #[arg(long = "component", value_name = "LABEL=PATH", value_parser = parse_labelled)]
+        components: Vec<(String, PathBuf)>,
+        /// Events per measurement.
+        #[arg(long, default_value_t = 500)]
+        events: usize,
+    },
     /// Hot swapping: cold start with and without the compile cache,
     /// deploy-to-first-event, throughput while swapping.
     Swap {
@@ -76,6 +89,11 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         handlers: usize,
     },
+}
+
+fn parse_labelled(spec: &str) -> Result<(String, PathBuf), String> {
+    let (label, path) = spec.split_once('=').ok_or_else(|| format!("`{spec}` is not LABEL=PATH"))?;
+    Ok((label.to_owned(), PathBuf::from(path)))
 }
 
 fn main() -> ExitCode {
@@ -92,6 +110,15 @@ fn main() -> ExitCode {
                 tenants::many_tenants(&guests, tenants, &mut out).await
             }
             Command::Swap { guests, handlers } => swap::run(&guests, handlers, &mut out).await,
+            Command::Languages { mut components, events } => {
+                if components.is_empty() {
+                    components = ["rust=target/guests/task_created.wasm", "python=target/guests/py_task_created.wasm", "javascript=target/guests/js_task_created.wasm"]
+                        .iter()
+                        .map(|spec| parse_labelled(spec).expect("a default spec"))
+                        .collect();
+                }
+                languages::run(&components, events, &mut out).await
+            }
             Command::Soak { url, pid, minutes, rate } => {
                 let soak = soak::Soak { url, pid, duration: std::time::Duration::from_secs(minutes * 60), rate };
                 soak::run(soak, &mut out).await
