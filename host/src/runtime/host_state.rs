@@ -283,10 +283,12 @@ impl AttemptState {
         );
         let bytes = usage.bytes as i64 + delta.0;
         let keys = usage.keys as i64 + delta.1;
-        if delta.0 > self.state_delta.0 && bytes > self.ctx.max_state_bytes as i64 {
+        // Limits above i64::MAX (no limit, in effect) must not wrap negative.
+        let limit = |max: u64| i64::try_from(max).unwrap_or(i64::MAX);
+        if delta.0 > self.state_delta.0 && bytes > limit(self.ctx.max_state_bytes) {
             return Err(format!("state quota: tenant `{}` would hold {bytes} bytes of state, over its max_state_bytes of {}", self.ctx.tenant, self.ctx.max_state_bytes));
         }
-        if delta.1 > self.state_delta.1 && keys > self.ctx.max_state_keys as i64 {
+        if delta.1 > self.state_delta.1 && keys > limit(self.ctx.max_state_keys) {
             return Err(format!("state quota: tenant `{}` would hold {keys} state keys, over its max_state_keys of {}", self.ctx.tenant, self.ctx.max_state_keys));
         }
         Ok(delta)
