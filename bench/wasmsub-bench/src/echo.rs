@@ -83,7 +83,8 @@ fn native_echo(event: &Event) -> bool {
     serde_json::from_slice::<serde_json::Value>(&event.data).is_ok()
 }
 
-fn context(store: Arc<dyn DeliveryStore>) -> AttemptContext {
+/// A benchmark tenant's attempt context: generous limits, any topic.
+pub(crate) fn context(store: Arc<dyn DeliveryStore>) -> AttemptContext {
     AttemptContext {
         tenant: "bench".into(),
         namespace: "bench".into(),

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 
-use wasmsub::runtime::{AttemptContext, AttemptResult, EngineConfig, Event, Runtime};
+use wasmsub::runtime::{AttemptResult, EngineConfig, Event, Runtime};
+
+use crate::echo::context;
 use wasmsub::store::{DeliveryStore, MemoryStore};
 use wasmsub::{DaprStatus, Delivery, Host, HostOptions, Manifest};
 
@@ -51,28 +53,6 @@ fn task_event(i: usize) -> Event {
         topic: "task-created".into(),
         pubsubname: "pubsub".into(),
         attempt: 1,
-    }
-}
-
-fn context(store: Arc<dyn DeliveryStore>) -> AttemptContext {
-    AttemptContext {
-        tenant: "bench".into(),
-        namespace: "bench".into(),
-        handler: "task-created".into(),
-        version: "bench".into(),
-        event_id: "bench".into(),
-        store,
-        publish_topics: vec!["task-audit".to_owned()].into(),
-        capabilities: Default::default(),
-        memory_bytes: 64 * 1024 * 1024,
-        table_elements: wasmsub::manifest::DEFAULT_TABLE_ELEMENTS as usize,
-        max_log_bytes: wasmsub::manifest::DEFAULT_MAX_LOG_BYTES,
-        fuel: None,
-        cpu_time: Duration::from_secs(5),
-        wall_time: Duration::from_secs(10),
-        max_state_bytes: u64::MAX,
-        max_state_keys: u64::MAX,
-        guest_log: None,
     }
 }
 
