@@ -329,8 +329,8 @@ impl HostArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let traces = match init_tracing() {
-        Ok(traces) => traces,
+    let (traces, log_writer) = match init_tracing() {
+        Ok(tracing) => tracing,
         Err(error) => {
             eprintln!("error: {error:#}");
             return ExitCode::FAILURE;
@@ -350,6 +350,8 @@ fn main() -> ExitCode {
     {
         eprintln!("warning: could not send the last traces: {error}");
     }
+    // Every log line is written before the final error line.
+    drop(log_writer);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => match error.downcast_ref::<invoke::Unsuccessful>() {
@@ -437,13 +439,25 @@ async fn execute(command: Command) -> anyhow::Result<()> {
 /// `OTEL_*` variables ask for it (the provider is returned so that `main`
 /// can flush it at the end). RUST_LOG filters the logs only: the host's
 /// spans are exported whatever the log level.
-fn init_tracing() -> anyhow::Result<Option<wasmsub::telemetry::TracerProvider>> {
+///
+/// Log lines are formatted on the event's path but written by a thread of
+/// their own, so a slow stderr (a pipe a log shipper drains late) does not
+/// stall events. Nothing is dropped: if that thread falls
+/// `LOG_LINES_BUFFERED` lines behind, logging waits for it. Dropping the
+/// returned guard writes what is still buffered; a process killed with
+/// SIGKILL loses what its writer had not written yet.
+fn init_tracing() -> anyhow::Result<(Option<wasmsub::telemetry::TracerProvider>, tracing_appender::non_blocking::WorkerGuard)> {
     use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
     let json = std::env::var("WASMSUB_LOG_FORMAT").is_ok_and(|f| f == "json");
     // Colours only for a person at a terminal, never into log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_LINES_BUFFERED)
+        .lossy(false)
+        .thread_name("wasmsub-log-writer")
+        .finish(std::io::stderr());
+    let logs = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
     let logs = if json { logs.json().boxed() } else { logs.boxed() };
     let provider = if wasmsub::telemetry::traces_requested(|name| std::env::var(name).ok()) {
         Some(wasmsub::telemetry::otlp_provider()?)
@@ -453,8 +467,12 @@ fn init_tracing() -> anyhow::Result<Option<wasmsub::telemetry::TracerProvider>> 
     let host_spans = tracing_subscriber::filter::Targets::new().with_target("wasmsub", tracing::Level::INFO);
     let traces = provider.as_ref().map(|provider| wasmsub::telemetry::layer(provider).with_filter(host_spans));
     tracing_subscriber::registry().with(logs.with_filter(filter)).with(traces).init();
-    Ok(provider)
+    Ok((provider, guard))
 }
+
+/// Log lines the writer thread may fall behind by before logging waits:
+/// enough for a burst of a few thousand events, a bounded few MiB.
+const LOG_LINES_BUFFERED: usize = 16_384;
 
 /// Ctrl-C or SIGTERM (what Kubernetes sends) starts a graceful stop.
 async fn shutdown_signal() {

@@ -15,13 +15,15 @@
 //!   done record: the pipeline publishes it right after the commit, and a
 //!   redelivery that finds a done record with unpublished entries publishes
 //!   them before it is acknowledged. Entries keep stable CloudEvent ids.
-//!   Once published, the record is rewritten without them. That rewrite
+//!   Once published, the record is rewritten without them, in the
+//!   background and many records at a time ([`published`]). That rewrite
 //!   needs the record's ETag (a key created with first-write concurrency
 //!   accepts no write without one on Redis), so it costs a read too.
 //! - Tenant state lives under [`keys::dapr_state_key`].
 
 mod commit;
 mod key_locks;
+mod published;
 mod values;
 
 use std::collections::{BTreeMap, HashSet};
@@ -34,6 +36,7 @@ use serde_json::Value;
 
 use commit::CommittedWrites;
 use key_locks::LocalTurns;
+use published::PublishedMarks;
 
 use super::claim::{self, Claim, ClaimToken, Record};
 use super::keys::{self, DedupeKey};
@@ -65,6 +68,7 @@ pub struct DaprStore {
     clock: SharedClock,
     pending: Mutex<Pending>,
     turns: LocalTurns,
+    published: PublishedMarks,
 }
 
 /// Outbox entries this process knows are committed and not yet published.
@@ -87,7 +91,8 @@ fn to_value(stored: &StoredClaim) -> Value {
 impl DaprStore {
     /// The store `store_name` (a Dapr state component) behind `sidecar`.
     pub fn new(sidecar: Sidecar, store_name: &str, clock: SharedClock) -> Self {
-        Self { sidecar, store_name: store_name.to_owned(), clock, pending: Mutex::new(Pending::default()), turns: LocalTurns::default() }
+        let published = PublishedMarks::new(sidecar.clone(), store_name.to_owned(), clock.clone());
+        Self { sidecar, store_name: store_name.to_owned(), clock, pending: Mutex::new(Pending::default()), turns: LocalTurns::default(), published }
     }
 
     async fn load(&self, key: &str) -> Result<Option<(StoredClaim, Option<String>)>, StoreError> {
@@ -117,23 +122,6 @@ impl DaprStore {
             ids.push(id);
         }
         ids
-    }
-
-    /// Rewrites a done record without its outbox once all of it is out.
-    async fn clear_outbox(&self, key: &str) -> Result<(), StoreError> {
-        let Some((stored, etag)) = self.load(key).await? else { return Ok(()) };
-        let Record::Done { expires_ms, .. } = stored.record else { return Ok(()) };
-        if stored.outbox.is_empty() {
-            return Ok(());
-        }
-        let ttl = Duration::from_millis(expires_ms.saturating_sub(self.clock.now_ms()));
-        let cleared = StoredClaim { record: stored.record, outbox: Vec::new(), writes: stored.writes };
-        let item = StateItem::new(key.to_owned(), Some(to_value(&cleared))).first_write(etag).ttl(ttl);
-        match self.sidecar.save_state(&self.store_name, &[item]).await {
-            // Someone else changed it meanwhile: their copy is newer.
-            Ok(()) | Err(SidecarError::Conflict { .. }) => Ok(()),
-            Err(error) => Err(unavailable(error)),
-        }
     }
 
     /// If `record_key`'s commit may still be unapplied (a lock on one of
@@ -281,10 +269,10 @@ impl DeliveryStore for DaprStore {
                 Some(key)
             }
         };
-        match finished {
-            Some(key) => self.clear_outbox(&key).await,
-            None => Ok(()),
+        if let Some(key) = finished {
+            self.published.mark(key);
         }
+        Ok(())
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {

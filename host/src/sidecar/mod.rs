@@ -1,6 +1,17 @@
 //! The Dapr sidecar's HTTP API, as the host uses it: publish, state reads,
 //! saves with concurrency options, and state transactions. One pooled
 //! `reqwest` client with timeouts; errors say which call failed and how.
+//!
+//! - this file: the types and [`Sidecar`], whose calls go through
+//!   [`batches`]: concurrent calls of a kind share one request;
+//! - [`api`]: one HTTP request per call, what a batch finally sends;
+//! - [`coalesce`]: the queue that forms batches without making a lone call wait.
+
+mod api;
+mod batches;
+mod coalesce;
+
+use std::sync::Arc;
 
 use std::time::Duration;
 
@@ -9,9 +20,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::outbox::Publisher;
-use crate::cloudevent::CLOUDEVENTS_JSON;
 use crate::store::OutboundMessage;
-use crate::telemetry::TraceContext;
 
 /// A sidecar call that takes longer than this is treated as the sidecar
 /// being down: the event is deferred, not waited on indefinitely.
@@ -37,6 +46,13 @@ pub enum SidecarError {
         url: String,
         /// Dapr's answer.
         body: String,
+    },
+    /// The call was in a batch whose worker stopped (the host is shutting
+    /// down): it may or may not have reached the sidecar.
+    #[error("the call to the Dapr sidecar ({what}) was interrupted: the host is stopping")]
+    Interrupted {
+        /// The kind of call.
+        what: &'static str,
     },
     #[error("Dapr answered {status} to {url}: {body}")]
     /// Any other non-2xx answer.
@@ -113,134 +129,61 @@ impl Operation {
     }
 }
 
+/// The sidecar's HTTP API, with one pooled client. Clones share the client
+/// and the batches.
 #[derive(Clone)]
-/// The sidecar's HTTP API, with one pooled client.
 pub struct Sidecar {
-    http: reqwest::Client,
-    base: String,
+    api: api::Api,
+    batches: Arc<batches::Batches>,
 }
 
 impl Sidecar {
     /// `base` is the sidecar's HTTP address, e.g. `http://127.0.0.1:3500`.
     pub fn new(base: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .pool_max_idle_per_host(64)
-            .build()?;
-        Ok(Self { http, base: base.trim_end_matches('/').to_owned() })
+        let api = api::Api::new(base)?;
+        Ok(Self { batches: Arc::new(batches::Batches::new(api.clone())), api })
     }
 
     /// The sidecar's base URL.
     pub fn base(&self) -> &str {
-        &self.base
-    }
-
-    async fn send(&self, url: String, request: reqwest::RequestBuilder) -> Result<reqwest::Response, SidecarError> {
-        let response = request.send().await.map_err(|source| SidecarError::Unreachable { url: url.clone(), source })?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let body = response.text().await.unwrap_or_default();
-        if status == reqwest::StatusCode::CONFLICT {
-            return Err(SidecarError::Conflict { url, body });
-        }
-        Err(SidecarError::Status { url, status, body })
+        self.api.base()
     }
 
     /// Whether the sidecar is up with its components loaded.
     pub async fn healthy(&self) -> bool {
-        let url = format!("{}/v1.0/healthz/outbound", self.base);
-        self.send(url.clone(), self.http.get(&url)).await.is_ok()
+        self.api.healthy().await
     }
 
     /// Publishes `event` (a structured CloudEvent) to `topic` of `pubsub`.
     pub async fn publish_event(&self, pubsub: &str, topic: &str, event: &Map<String, Value>) -> Result<(), SidecarError> {
-        let url = format!("{}/v1.0/publish/{}/{}", self.base, path_segment(pubsub), path_segment(topic));
-        let mut request = self.http.post(&url).header(reqwest::header::CONTENT_TYPE, CLOUDEVENTS_JSON).json(event);
-        // Dapr takes the trace context of a publish from these headers (and
-        // rewrites the event's own attributes from them).
-        // A value no header may hold (a producer's stray newline) is left
-        // out rather than failing the publish.
-        let trace = TraceContext::of_event(event);
-        for (name, value) in [("traceparent", &trace.traceparent), ("tracestate", &trace.tracestate)] {
-            if let Some(value) = value.as_deref().and_then(|v| reqwest::header::HeaderValue::from_str(v).ok()) {
-                request = request.header(name, value);
-            }
-        }
-        self.send(url, request).await.map(drop)
+        self.batches.publish(pubsub, topic, event).await
     }
 
-    /// A key's value and ETag, or `None` if it is absent.
+    /// A key's value (JSON, as stored) and ETag, or `None` if it is absent.
     pub async fn get_state(&self, store: &str, key: &str) -> Result<Option<(Vec<u8>, Option<String>)>, SidecarError> {
-        if key.contains('/') {
-            // Dapr decodes `%2F` in the path and then finds no route (404
-            // ERR_DIRECT_INVOKE): such a key is read through the bulk API,
-            // which takes keys in the body.
-            let mut values = self.get_bulk(store, &[key.to_owned()]).await?;
-            return Ok(values.pop().flatten().map(|(value, etag)| (serde_json::to_vec(&value).expect("a JSON value encodes"), etag)));
-        }
-        let url = format!("{}/v1.0/state/{}/{}", self.base, path_segment(store), path_segment(key));
-        let request = self.http.get(&url).query(&[("consistency", "strong")]);
-        let response = self.send(url, request).await?;
-        // Dapr answers 204 No Content for a missing key.
-        if response.status() == reqwest::StatusCode::NO_CONTENT {
-            return Ok(None);
-        }
-        let etag = response.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let url = response.url().to_string();
-        let body = response.bytes().await.map_err(|source| SidecarError::Unreachable { url, source })?;
-        if body.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some((body.to_vec(), etag)))
+        let mut values = self.batches.get(store, vec![key.to_owned()]).await?;
+        Ok(values.pop().flatten().map(|(value, etag)| (serde_json::to_vec(&value).expect("a JSON value encodes"), etag)))
     }
 
-    /// Saves `items` (one request).
+    /// Saves `items` (applied item by item: on failure, some may be saved).
     pub async fn save_state(&self, store: &str, items: &[StateItem]) -> Result<(), SidecarError> {
-        let url = format!("{}/v1.0/state/{}", self.base, path_segment(store));
-        let request = self.http.post(&url).json(items);
-        self.send(url, request).await.map(drop)
+        self.batches.save(store, items.to_vec()).await
     }
 
-    /// Several keys' values and ETags in one call (`None`: absent). Dapr
-    /// answers each key on its own; a key it could not read is an error.
+    /// Several keys' values and ETags (`None`: absent). A key Dapr could not
+    /// read is an error.
     pub async fn get_bulk(&self, store: &str, keys: &[String]) -> Result<Vec<Option<(Value, Option<String>)>>, SidecarError> {
-        #[derive(serde::Deserialize)]
-        struct Item {
-            key: String,
-            #[serde(default)]
-            data: Option<Value>,
-            #[serde(default)]
-            etag: Option<String>,
-            #[serde(default)]
-            error: Option<String>,
-        }
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let url = format!("{}/v1.0/state/{}/bulk", self.base, path_segment(store));
-        let request = self.http.post(&url).json(&serde_json::json!({ "keys": keys, "parallelism": 16 }));
-        let response = self.send(url.clone(), request).await?;
-        let items: Vec<Item> = response.json().await.map_err(|source| SidecarError::Unreachable { url: url.clone(), source })?;
-        let mut by_key = std::collections::HashMap::with_capacity(items.len());
-        for item in items {
-            if let Some(error) = item.error {
-                return Err(SidecarError::Status { url, status: reqwest::StatusCode::INTERNAL_SERVER_ERROR, body: format!("key {}: {error}", item.key) });
-            }
-            by_key.insert(item.key, item.data.filter(|d| !d.is_null()).map(|data| (data, item.etag)));
-        }
-        Ok(keys.iter().map(|key| by_key.remove(key).flatten()).collect())
+        self.batches.get(store, keys.to_vec()).await
     }
 
     /// Applies `operations` as one state transaction (atomic only where the
     /// store makes it so: Redis applies the operations whose ETag checks
     /// pass even when another's fails).
     pub async fn transaction(&self, store: &str, operations: &[Operation]) -> Result<(), SidecarError> {
-        let url = format!("{}/v1.0/state/{}/transaction", self.base, path_segment(store));
-        let request = self.http.post(&url).json(&serde_json::json!({ "operations": operations }));
-        self.send(url, request).await.map(drop)
+        self.batches.transaction(store, operations.to_vec()).await
     }
 }
 

@@ -1,0 +1,242 @@
+//! How each kind of sidecar call is merged into a batch, and what happens
+//! when the merged request fails.
+//!
+//! The rule that keeps every caller's semantics: a merged request that
+//! succeeds answers every call in it; one that fails is sent again call by
+//! call, so each caller gets the answer its own request gets. That is safe
+//! because every caller already treats a failed write as "it may have
+//! landed" and decides by reading the store back (claims, done records,
+//! locks), and because a store that applied part of a failed merged
+//! request (Redis runs saves and transactions operation by operation)
+//! leaves the calls that landed to fail their ETag or first-write check
+//! when sent again, which their callers classify the same way. Reads merge
+//! freely: one bulk read of every key asked for.
+//!
+//! - reads: one bulk GET per state store (a lone key: a plain GET);
+//! - saves: one save request with every call's items;
+//! - transactions: one transaction with every call's operations (commits
+//!   on one key never overlap: they hold its commit lock);
+//! - publishes: one bulk publish per topic; entries Dapr reports as failed
+//!   are published again one by one.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use super::api::{Api, Read};
+use super::coalesce::{Coalescer, Unanswered};
+use super::{Operation, SidecarError, StateItem};
+
+/// Batches in flight at once per kind. Two: a lone call never waits behind
+/// a slow batch of its kind, and under load the queue still gathers whole
+/// bulk deliveries' worth of calls per request.
+const LANES: usize = 1;
+/// Calls per merged request: bounds a request's size (a done record carries
+/// the event's outbox) and a store's transaction size.
+const MAX_CALLS: usize = 64;
+
+struct GetCall {
+    store: String,
+    keys: Vec<String>,
+}
+
+struct SaveCall {
+    store: String,
+    items: Vec<StateItem>,
+}
+
+struct TransactionCall {
+    store: String,
+    operations: Vec<Operation>,
+}
+
+struct PublishCall {
+    pubsub: String,
+    topic: String,
+    event: Map<String, Value>,
+}
+
+type Done = Result<(), SidecarError>;
+
+pub(super) struct Batches {
+    api: Api,
+    gets: Coalescer<GetCall, Result<Vec<Read>, SidecarError>>,
+    saves: Coalescer<SaveCall, Done>,
+    transactions: Coalescer<TransactionCall, Done>,
+    publishes: Coalescer<PublishCall, Done>,
+}
+
+impl Batches {
+    pub(super) fn new(api: Api) -> Self {
+        let (a, b, c, d) = (api.clone(), api.clone(), api.clone(), api.clone());
+        Self {
+            gets: Coalescer::new("gets", LANES, MAX_CALLS, move |calls| run_gets(a.clone(), calls)),
+            saves: Coalescer::new("saves", LANES, MAX_CALLS, move |calls| run_saves(b.clone(), calls)),
+            transactions: Coalescer::new("transactions", LANES, MAX_CALLS, move |calls| run_transactions(c.clone(), calls)),
+            publishes: Coalescer::new("publishes", LANES, MAX_CALLS, move |calls| run_publishes(d.clone(), calls)),
+            api,
+        }
+    }
+
+    pub(super) async fn get(&self, store: &str, keys: Vec<String>) -> Result<Vec<Read>, SidecarError> {
+        match self.gets.call(GetCall { store: store.to_owned(), keys }).await {
+            Ok(answer) => answer,
+            Err(Unanswered::NotQueued(call)) => get_alone(&self.api, &call).await,
+            Err(Unanswered::Dropped) => Err(SidecarError::Interrupted { what: "state read" }),
+        }
+    }
+
+    pub(super) async fn save(&self, store: &str, items: Vec<StateItem>) -> Done {
+        match self.saves.call(SaveCall { store: store.to_owned(), items }).await {
+            Ok(answer) => answer,
+            Err(Unanswered::NotQueued(call)) => self.api.save(&call.store, &call.items).await,
+            Err(Unanswered::Dropped) => Err(SidecarError::Interrupted { what: "state save" }),
+        }
+    }
+
+    pub(super) async fn transaction(&self, store: &str, operations: Vec<Operation>) -> Done {
+        match self.transactions.call(TransactionCall { store: store.to_owned(), operations }).await {
+            Ok(answer) => answer,
+            Err(Unanswered::NotQueued(call)) => self.api.transaction(&call.store, &call.operations).await,
+            Err(Unanswered::Dropped) => Err(SidecarError::Interrupted { what: "state transaction" }),
+        }
+    }
+
+    pub(super) async fn publish(&self, pubsub: &str, topic: &str, event: &Map<String, Value>) -> Done {
+        let call = PublishCall { pubsub: pubsub.to_owned(), topic: topic.to_owned(), event: event.clone() };
+        match self.publishes.call(call).await {
+            Ok(answer) => answer,
+            Err(Unanswered::NotQueued(call)) => self.api.publish(&call.pubsub, &call.topic, &call.event).await,
+            Err(Unanswered::Dropped) => Err(SidecarError::Interrupted { what: "publish" }),
+        }
+    }
+}
+
+/// Indices of `calls` grouped by `key`, groups in order of first appearance.
+fn groups<T, K: Eq + std::hash::Hash>(calls: &[T], key: impl Fn(&T) -> K) -> Vec<Vec<usize>> {
+    let mut index: HashMap<K, usize> = HashMap::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, call) in calls.iter().enumerate() {
+        let slot = *index.entry(key(call)).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[slot].push(i);
+    }
+    groups
+}
+
+/// Answers laid out in call order, filled group by group.
+fn answers<A>(len: usize) -> Vec<Option<A>> {
+    std::iter::repeat_with(|| None).take(len).collect()
+}
+
+fn complete<A>(answers: Vec<Option<A>>) -> Vec<A> {
+    answers.into_iter().map(|a| a.expect("every call of a batch is answered")).collect()
+}
+
+/// One call's read on its own: a plain GET for one key Dapr can route
+/// (its path decodes `%2F`, so a key with `/` goes through the bulk API).
+async fn get_alone(api: &Api, call: &GetCall) -> Result<Vec<Read>, SidecarError> {
+    match call.keys.as_slice() {
+        [key] if !key.contains('/') => Ok(vec![api.get_one(&call.store, key).await?]),
+        keys => api.get_bulk(&call.store, keys).await,
+    }
+}
+
+async fn run_gets(api: Api, calls: Vec<GetCall>) -> Vec<Result<Vec<Read>, SidecarError>> {
+    let mut out = answers(calls.len());
+    for group in groups(&calls, |c| c.store.clone()) {
+        if let [only] = group[..] {
+            out[only] = Some(get_alone(&api, &calls[only]).await);
+            continue;
+        }
+        let mut keys: Vec<String> = group.iter().flat_map(|&i| calls[i].keys.iter().cloned()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        match api.get_bulk(&calls[group[0]].store, &keys).await {
+            Ok(reads) => {
+                let by_key: HashMap<&str, &Read> = keys.iter().map(String::as_str).zip(&reads).collect();
+                for &i in &group {
+                    out[i] = Some(Ok(calls[i].keys.iter().map(|k| by_key[k.as_str()].clone()).collect()));
+                }
+            }
+            Err(_) => {
+                for &i in &group {
+                    out[i] = Some(get_alone(&api, &calls[i]).await);
+                }
+            }
+        }
+    }
+    complete(out)
+}
+
+async fn run_saves(api: Api, calls: Vec<SaveCall>) -> Vec<Done> {
+    let mut out = answers(calls.len());
+    for group in groups(&calls, |c| c.store.clone()) {
+        let merged: Vec<StateItem> = group.iter().flat_map(|&i| calls[i].items.iter().cloned()).collect();
+        let first = api.save(&calls[group[0]].store, &merged).await;
+        merged_or_each(&group, first, &mut out, |i| api.save(&calls[i].store, &calls[i].items)).await;
+    }
+    complete(out)
+}
+
+async fn run_transactions(api: Api, calls: Vec<TransactionCall>) -> Vec<Done> {
+    let mut out = answers(calls.len());
+    for group in groups(&calls, |c| c.store.clone()) {
+        let merged: Vec<Operation> = group.iter().flat_map(|&i| calls[i].operations.iter().cloned()).collect();
+        let first = api.transaction(&calls[group[0]].store, &merged).await;
+        merged_or_each(&group, first, &mut out, |i| api.transaction(&calls[i].store, &calls[i].operations)).await;
+    }
+    complete(out)
+}
+
+/// A group's merged request answered `first`: on success every call has
+/// its answer; on failure each call is sent again alone (a group of one
+/// keeps its own answer).
+async fn merged_or_each<F, Fut>(group: &[usize], first: Done, out: &mut [Option<Done>], alone: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Done>,
+{
+    match first {
+        Ok(()) => group.iter().for_each(|&i| out[i] = Some(Ok(()))),
+        Err(error) if group.len() == 1 => out[group[0]] = Some(Err(error)),
+        Err(error) => {
+            tracing::debug!(%error, calls = group.len(), "a merged sidecar request failed; sending its calls one by one");
+            for &i in group {
+                out[i] = Some(alone(i).await);
+            }
+        }
+    }
+}
+
+async fn run_publishes(api: Api, calls: Vec<PublishCall>) -> Vec<Done> {
+    let mut out = answers(calls.len());
+    for group in groups(&calls, |c| (c.pubsub.clone(), c.topic.clone())) {
+        let (pubsub, topic) = (&calls[group[0]].pubsub, &calls[group[0]].topic);
+        if let [only] = group[..] {
+            out[only] = Some(api.publish(pubsub, topic, &calls[only].event).await);
+            continue;
+        }
+        let events: Vec<&Map<String, Value>> = group.iter().map(|&i| &calls[i].event).collect();
+        // Entries Dapr did not publish (or all, when it did not say) go out
+        // again one by one; an entry published twice keeps its CloudEvent
+        // id, which consumers dedupe on, as after any lost answer.
+        let again: Vec<usize> = match api.publish_bulk(pubsub, topic, &events).await {
+            Ok(failed) => failed,
+            Err(error) => {
+                tracing::debug!(%error, events = group.len(), "a bulk publish failed; publishing its events one by one");
+                (0..group.len()).collect()
+            }
+        };
+        for &i in &group {
+            out[i] = Some(Ok(()));
+        }
+        for entry in again {
+            let i = group[entry];
+            out[i] = Some(api.publish(pubsub, topic, &calls[i].event).await);
+        }
+    }
+    complete(out)
+}
