@@ -21,6 +21,22 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
+/// A tool's path from `$env` when it is set (scripts/test.sh sets it), else
+/// what `script` (run from the repository, printing the path on stdout and
+/// installing the tool if it must) prints.
+pub fn script_output(env: &str, script: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env).filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    let output = Command::new("bash")
+        .arg(repo_root().join(script))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
+    assert!(output.status.success(), "{script} failed");
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
 /// A child process killed (by its pid) when dropped, with its output in a
 /// log file that a failing test prints.
 pub struct Process {
@@ -90,12 +106,24 @@ impl Drop for Process {
     }
 }
 
+/// CPU time `pid` has used so far, in clock ticks (Linux).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (which may hold spaces): utime, stime are the
+    // 12th and 13th fields.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
 /// Waits until `port` answers HTTP `GET path` with a 2xx (a host binds its
 /// port before it has loaded its components, so an open port is not yet
-/// a serving host); fails like [`wait_for_port`] on a stall.
+/// a serving host); fails like [`wait_for_port`] on a stall: neither its
+/// log nor its CPU time moved for [`START_TIMEOUT`] (compiling an 18 MB
+/// component on a busy machine logs nothing for a minute, but uses CPU).
 pub fn wait_for_http(port: u16, path: &str, process: &Process) {
     use std::io::{Read, Write};
     let mut last_log_len = 0;
+    let mut last_cpu = 0;
     let mut since = Instant::now();
     loop {
         let answered = std::net::TcpStream::connect(("127.0.0.1", port)).ok().and_then(|mut stream| {
@@ -109,8 +137,11 @@ pub fn wait_for_http(port: u16, path: &str, process: &Process) {
             return;
         }
         let log_len = std::fs::metadata(&process.log).map(|m| m.len()).unwrap_or(0);
-        if log_len != last_log_len {
-            (last_log_len, since) = (log_len, Instant::now());
+        // A second of CPU counts as progress; an idle process's timer
+        // threads use far less than that in a minute.
+        let cpu = cpu_ticks(process.pid()).unwrap_or(0);
+        if log_len != last_log_len || cpu >= last_cpu + 100 {
+            (last_log_len, last_cpu, since) = (log_len, cpu, Instant::now());
         }
         assert!(since.elapsed() < START_TIMEOUT, "{} did not serve {path} on {port}:\n{}", process.name, process.log_text());
         std::thread::sleep(Duration::from_millis(100));

@@ -2,8 +2,10 @@
 //! when the merged request fails.
 //!
 //! The rule that keeps every caller's semantics: a merged request that
-//! succeeds answers every call in it; one that fails is sent again call by
-//! call, so each caller gets the answer its own request gets. That is safe
+//! succeeds answers every call in it; one the sidecar refused is sent again
+//! call by call (side by side), so each caller gets the answer its own
+//! request gets; one that got no answer at all (the sidecar is down or
+//! hung) fails every call in it with that error, as each alone would have. That is safe
 //! because every caller already treats a failed write as "it may have
 //! landed" and decides by reading the store back (claims, done records,
 //! locks), and because a store that applied part of a failed merged
@@ -20,6 +22,10 @@
 //!   are published again one by one.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::future::join_all;
 
 use serde_json::{Map, Value};
 
@@ -161,9 +167,16 @@ async fn run_gets(api: Api, calls: Vec<GetCall>) -> Vec<Result<Vec<Read>, Sideca
                     out[i] = Some(Ok(calls[i].keys.iter().map(|k| by_key[k.as_str()].clone()).collect()));
                 }
             }
-            Err(_) => {
+            Err(error) if unanswered(&error) => {
+                let error = Arc::new(error);
                 for &i in &group {
-                    out[i] = Some(get_alone(&api, &calls[i]).await);
+                    out[i] = Some(Err(SidecarError::Shared(error.clone())));
+                }
+            }
+            Err(_) => {
+                let again = join_all(group.iter().map(|&i| get_alone(&api, &calls[i]))).await;
+                for (&i, answer) in group.iter().zip(again) {
+                    out[i] = Some(answer);
                 }
             }
         }
@@ -191,21 +204,32 @@ async fn run_transactions(api: Api, calls: Vec<TransactionCall>) -> Vec<Done> {
     complete(out)
 }
 
+/// Whether a request failed without the sidecar answering it: sending its
+/// calls again one by one would only wait for the same timeout again.
+fn unanswered(error: &SidecarError) -> bool {
+    matches!(error, SidecarError::Unreachable { .. } | SidecarError::Interrupted { .. } | SidecarError::Shared(_))
+}
+
 /// A group's merged request answered `first`: on success every call has
-/// its answer; on failure each call is sent again alone (a group of one
-/// keeps its own answer).
+/// its answer; refused, each call is sent again alone, side by side (a
+/// group of one keeps its own answer); unanswered, every call fails with it.
 async fn merged_or_each<F, Fut>(group: &[usize], first: Done, out: &mut [Option<Done>], alone: F)
 where
     F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Done>,
+    Fut: Future<Output = Done>,
 {
     match first {
         Ok(()) => group.iter().for_each(|&i| out[i] = Some(Ok(()))),
         Err(error) if group.len() == 1 => out[group[0]] = Some(Err(error)),
+        Err(error) if unanswered(&error) => {
+            let error = Arc::new(error);
+            group.iter().for_each(|&i| out[i] = Some(Err(SidecarError::Shared(error.clone()))));
+        }
         Err(error) => {
-            tracing::debug!(%error, calls = group.len(), "a merged sidecar request failed; sending its calls one by one");
-            for &i in group {
-                out[i] = Some(alone(i).await);
+            tracing::debug!(%error, calls = group.len(), "a merged sidecar request was refused; sending its calls one by one");
+            let again = join_all(group.iter().map(|&i| alone(i))).await;
+            for (&i, answer) in group.iter().zip(again) {
+                out[i] = Some(answer);
             }
         }
     }
@@ -225,17 +249,22 @@ async fn run_publishes(api: Api, calls: Vec<PublishCall>) -> Vec<Done> {
         // id, which consumers dedupe on, as after any lost answer.
         let again: Vec<usize> = match api.publish_bulk(pubsub, topic, &events).await {
             Ok(failed) => failed,
+            Err(error) if unanswered(&error) => {
+                let error = Arc::new(error);
+                group.iter().for_each(|&i| out[i] = Some(Err(SidecarError::Shared(error.clone()))));
+                continue;
+            }
             Err(error) => {
-                tracing::debug!(%error, events = group.len(), "a bulk publish failed; publishing its events one by one");
+                tracing::debug!(%error, events = group.len(), "a bulk publish was refused; publishing its events one by one");
                 (0..group.len()).collect()
             }
         };
         for &i in &group {
             out[i] = Some(Ok(()));
         }
-        for entry in again {
-            let i = group[entry];
-            out[i] = Some(api.publish(pubsub, topic, &calls[i].event).await);
+        let published = join_all(again.iter().map(|&entry| api.publish(pubsub, topic, &calls[group[entry]].event))).await;
+        for (entry, answer) in again.into_iter().zip(published) {
+            out[group[entry]] = Some(answer);
         }
     }
     complete(out)

@@ -54,6 +54,10 @@ pub enum SidecarError {
         /// The kind of call.
         what: &'static str,
     },
+    /// A request that carried several calls got no answer (the error it
+    /// met is inside); every call in it gets this.
+    #[error("{0}")]
+    Shared(Arc<SidecarError>),
     #[error("Dapr answered {status} to {url}: {body}")]
     /// Any other non-2xx answer.
     Status {
