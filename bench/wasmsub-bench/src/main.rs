@@ -8,6 +8,7 @@ mod languages;
 mod soak;
 mod swap;
 mod tenants;
+mod throughput;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,6 +80,23 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         events: usize,
     },
+    /// The in-process pipeline with many deliveries in flight, on the
+    /// in-memory and the embedded (fsync) store, then rounds of duplicate
+    /// deliveries of the same ids.
+    Throughput {
+        /// The component to run.
+        #[arg(long, default_value = "target/guests/echo.wasm")]
+        component: PathBuf,
+        /// Events per row.
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        /// Deliveries in flight, one row each (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
+        in_flight: Vec<usize>,
+        /// Rounds of duplicates after the first deliveries.
+        #[arg(long, default_value_t = 3)]
+        duplicate_rounds: usize,
+    },
     /// Hot swapping: cold start with and without the compile cache,
     /// deploy-to-first-event, throughput while swapping.
     Swap {
@@ -108,6 +126,9 @@ fn main() -> ExitCode {
                 tenants::noisy_neighbour(&guests, events, &mut out).await?;
                 tenants::self_publishing_neighbour(&guests, loop_seconds, &mut out).await?;
                 tenants::many_tenants(&guests, tenants, &mut out).await
+            }
+            Command::Throughput { component, events, in_flight, duplicate_rounds } => {
+                throughput::run(&component, events, &in_flight, duplicate_rounds, &mut out).await
             }
             Command::Swap { guests, handlers } => swap::run(&guests, handlers, &mut out).await,
             Command::Languages { mut components, events } => {
