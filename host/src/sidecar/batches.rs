@@ -30,7 +30,7 @@ use futures_util::future::join_all;
 use serde_json::{Map, Value};
 
 use super::api::{Api, Read};
-use super::coalesce::{Coalescer, Unanswered};
+use super::coalesce::{Coalescer, Dropped};
 use super::{Operation, SidecarError, StateItem};
 
 /// Batches in flight at once per kind. Two: a lone call never waits behind
@@ -65,7 +65,6 @@ struct PublishCall {
 type Done = Result<(), SidecarError>;
 
 pub(super) struct Batches {
-    api: Api,
     gets: Coalescer<GetCall, Result<Vec<Read>, SidecarError>>,
     saves: Coalescer<SaveCall, Done>,
     transactions: Coalescer<TransactionCall, Done>,
@@ -74,37 +73,33 @@ pub(super) struct Batches {
 
 impl Batches {
     pub(super) fn new(api: Api) -> Self {
-        let (a, b, c, d) = (api.clone(), api.clone(), api.clone(), api.clone());
+        let (a, b, c, d) = (api.clone(), api.clone(), api.clone(), api);
         Self {
             gets: Coalescer::new("gets", LANES, MAX_CALLS, move |calls| run_gets(a.clone(), calls)),
             saves: Coalescer::new("saves", LANES, MAX_CALLS, move |calls| run_saves(b.clone(), calls)),
             transactions: Coalescer::new("transactions", LANES, MAX_CALLS, move |calls| run_transactions(c.clone(), calls)),
             publishes: Coalescer::new("publishes", LANES, MAX_CALLS, move |calls| run_publishes(d.clone(), calls)),
-            api,
         }
     }
 
     pub(super) async fn get(&self, store: &str, keys: Vec<String>) -> Result<Vec<Read>, SidecarError> {
         match self.gets.call(GetCall { store: store.to_owned(), keys }).await {
             Ok(answer) => answer,
-            Err(Unanswered::NotQueued(call)) => get_alone(&self.api, &call).await,
-            Err(Unanswered::Dropped) => Err(SidecarError::Interrupted { what: "state read" }),
+            Err(Dropped) => Err(SidecarError::Interrupted { what: "state read" }),
         }
     }
 
     pub(super) async fn save(&self, store: &str, items: Vec<StateItem>) -> Done {
         match self.saves.call(SaveCall { store: store.to_owned(), items }).await {
             Ok(answer) => answer,
-            Err(Unanswered::NotQueued(call)) => self.api.save(&call.store, &call.items).await,
-            Err(Unanswered::Dropped) => Err(SidecarError::Interrupted { what: "state save" }),
+            Err(Dropped) => Err(SidecarError::Interrupted { what: "state save" }),
         }
     }
 
     pub(super) async fn transaction(&self, store: &str, operations: Vec<Operation>) -> Done {
         match self.transactions.call(TransactionCall { store: store.to_owned(), operations }).await {
             Ok(answer) => answer,
-            Err(Unanswered::NotQueued(call)) => self.api.transaction(&call.store, &call.operations).await,
-            Err(Unanswered::Dropped) => Err(SidecarError::Interrupted { what: "state transaction" }),
+            Err(Dropped) => Err(SidecarError::Interrupted { what: "state transaction" }),
         }
     }
 
@@ -112,8 +107,7 @@ impl Batches {
         let call = PublishCall { pubsub: pubsub.to_owned(), topic: topic.to_owned(), event: event.clone() };
         match self.publishes.call(call).await {
             Ok(answer) => answer,
-            Err(Unanswered::NotQueued(call)) => self.api.publish(&call.pubsub, &call.topic, &call.event).await,
-            Err(Unanswered::Dropped) => Err(SidecarError::Interrupted { what: "publish" }),
+            Err(Dropped) => Err(SidecarError::Interrupted { what: "publish" }),
         }
     }
 }

@@ -4,111 +4,136 @@
 //! Why: daprd spends about as much CPU on a call as on the work inside it
 //! (docs/BENCHMARKS.md), so under load fewer, larger calls are what makes
 //! the Dapr path cheaper. Nothing waits for a batch to fill: a call that
-//! finds a free lane goes out at once, so a lone event pays no extra
-//! latency; batches form only while every lane is busy, which is exactly
-//! when there is load to share. The caller's code stays per event; how a
-//! batch is merged and what happens when it fails is the `run` function's
-//! business (see `super::batches`).
+//! finds a free lane goes out at once, from the caller's own task (no hop
+//! through another task, so a lone event pays nothing for this); batches
+//! form only while every lane is busy, which is exactly when there is load
+//! to share. The lane's holder, when done, hands the lane to whatever
+//! queued meanwhile (one task per batch). The caller's code stays per
+//! event; how a batch is merged and what happens when it fails is the `run`
+//! function's business (see `super::batches`).
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::oneshot;
 
-/// A queued call and where its answer goes.
-type Queued<R, A> = (R, oneshot::Sender<A>);
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type Run<R, A> = dyn Fn(Vec<R>) -> BoxFuture<Vec<A>> + Send + Sync;
 
 /// Merges concurrent calls of one kind into batches run by `run`.
 pub(crate) struct Coalescer<R, A> {
-    queue: mpsc::UnboundedSender<Queued<R, A>>,
-    /// The worker is started by the first call, so a `Coalescer` can be
-    /// built outside a Tokio runtime.
-    idle: Mutex<Option<Worker<R, A>>>,
+    inner: Arc<Inner<R, A>>,
 }
 
-struct Worker<R, A> {
-    incoming: mpsc::UnboundedReceiver<Queued<R, A>>,
-    run: Arc<dyn Fn(Vec<R>) -> BoxFuture<Vec<A>> + Send + Sync>,
+struct Inner<R, A> {
+    run: Box<Run<R, A>>,
     lanes: usize,
     max_batch: usize,
     kind: &'static str,
+    state: Mutex<Lanes<R, A>>,
 }
 
-type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+struct Lanes<R, A> {
+    busy: usize,
+    queue: VecDeque<(R, oneshot::Sender<A>)>,
+}
+
+/// The call was in a batch whose task stopped (the runtime is shutting
+/// down): it may or may not have reached the sidecar.
+#[derive(Debug)]
+pub(crate) struct Dropped;
 
 impl<R: Send + 'static, A: Send + 'static> Coalescer<R, A> {
-    /// Up to `lanes` batches in flight at once, each of at most `max_batch`
-    /// calls. `run` answers a batch's calls in order, one answer each.
+    /// Up to `lanes` requests in flight at once, each of at most
+    /// `max_batch` calls. `run` answers a batch's calls in order.
     pub(crate) fn new<F, Fut>(kind: &'static str, lanes: usize, max_batch: usize, run: F) -> Self
     where
         F: Fn(Vec<R>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<A>> + Send + 'static,
     {
-        let (queue, incoming) = mpsc::unbounded_channel();
-        let run = Arc::new(move |batch: Vec<R>| -> BoxFuture<Vec<A>> { Box::pin(run(batch)) });
-        let worker = Worker { incoming, run, lanes: lanes.max(1), max_batch: max_batch.max(1), kind };
-        Self { queue, idle: Mutex::new(Some(worker)) }
+        let run: Box<Run<R, A>> = Box::new(move |batch| Box::pin(run(batch)));
+        let state = Mutex::new(Lanes { busy: 0, queue: VecDeque::new() });
+        Self { inner: Arc::new(Inner { run, lanes: lanes.max(1), max_batch: max_batch.max(1), kind, state }) }
     }
 
-    /// Queues `request` and waits for its answer.
-    pub(crate) async fn call(&self, request: R) -> Result<A, Unanswered<R>> {
-        if let Some(worker) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            tokio::spawn(worker.serve());
-        }
-        let (reply, answer) = oneshot::channel();
-        if let Err(mpsc::error::SendError((request, _))) = self.queue.send((request, reply)) {
-            return Err(Unanswered::NotQueued(request));
-        }
-        answer.await.map_err(|_| Unanswered::Dropped)
-    }
-}
-
-/// Why a call got no answer from its batch.
-#[derive(Debug)]
-pub(crate) enum Unanswered<R> {
-    /// The worker is gone (its runtime shut down) before the call was
-    /// queued: nothing was sent, the caller may make the call itself.
-    NotQueued(R),
-    /// The worker stopped with the call in a batch: it may or may not have
-    /// reached the sidecar, like a call whose answer was lost.
-    Dropped,
-}
-
-impl<R: Send + 'static, A: Send + 'static> Worker<R, A> {
-    async fn serve(mut self) {
-        let lanes = Arc::new(Semaphore::new(self.lanes));
-        loop {
-            // Take a lane first: while every lane is busy, calls pile up in
-            // the queue and the next batch takes them all.
-            let Ok(lane) = lanes.clone().acquire_owned().await else { return };
-            let Some(first) = self.incoming.recv().await else { return };
-            let mut batch = vec![first];
-            while batch.len() < self.max_batch {
-                match self.incoming.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
+    /// Makes the call: at once if a lane is free, else with the next batch.
+    pub(crate) async fn call(&self, request: R) -> Result<A, Dropped> {
+        let queued = {
+            let mut lanes = self.inner.lock();
+            if lanes.busy < self.inner.lanes && lanes.queue.is_empty() {
+                lanes.busy += 1;
+                Err(request)
+            } else {
+                let (reply, answer) = oneshot::channel();
+                lanes.queue.push_back((request, reply));
+                Ok(answer)
             }
-            tracing::trace!(kind = self.kind, calls = batch.len(), "sidecar batch");
-            let run = self.run.clone();
-            tokio::spawn(async move {
-                let (requests, replies): (Vec<R>, Vec<oneshot::Sender<A>>) = batch.into_iter().unzip();
-                let answers = run(requests).await;
-                debug_assert_eq!(answers.len(), replies.len(), "a batch answers every call");
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    // The caller may have given up (its own timeout): fine.
-                    let _ = reply.send(answer);
-                }
-                drop(lane);
-            });
+        };
+        match queued {
+            Ok(answer) => answer.await.map_err(|_| Dropped),
+            Err(request) => {
+                // Given back on every exit, a cancelled call's too.
+                let _lane = Lane(self.inner.clone());
+                let mut answers = (self.inner.run)(vec![request]).await;
+                Ok(answers.pop().expect("a batch answers every call"))
+            }
         }
     }
+}
+
+impl<R, A> Inner<R, A> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lanes<R, A>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A held lane; dropping it hands the lane to the calls queued meanwhile.
+struct Lane<R: Send + 'static, A: Send + 'static>(Arc<Inner<R, A>>);
+
+impl<R: Send + 'static, A: Send + 'static> Drop for Lane<R, A> {
+    fn drop(&mut self) {
+        hand_over(self.0.clone());
+    }
+}
+
+/// Runs the queued calls as one batch on a task of its own (keeping the
+/// lane), or frees the lane if nobody waits.
+fn hand_over<R: Send + 'static, A: Send + 'static>(inner: Arc<Inner<R, A>>) {
+    let batch: Vec<_> = {
+        let mut lanes = inner.lock();
+        if lanes.queue.is_empty() {
+            lanes.busy -= 1;
+            return;
+        }
+        let take = lanes.queue.len().min(inner.max_batch);
+        lanes.queue.drain(..take).collect()
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // No runtime (it is shutting down): the queued calls see `Dropped`.
+        inner.lock().busy -= 1;
+        return;
+    };
+    tracing::trace!(kind = inner.kind, calls = batch.len(), "sidecar batch");
+    runtime.spawn(async move {
+        let lane = Lane(inner.clone());
+        let (requests, replies): (Vec<R>, Vec<oneshot::Sender<A>>) = batch.into_iter().unzip();
+        let answers = (inner.run)(requests).await;
+        debug_assert_eq!(answers.len(), replies.len(), "a batch answers every call");
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            // The caller may have given up (its own timeout): fine.
+            let _ = reply.send(answer);
+        }
+        drop(lane);
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
     #[tokio::test]
     async fn a_lone_call_goes_out_alone_and_concurrent_ones_share_batches() {
@@ -117,7 +142,7 @@ mod tests {
         let coalescer = Arc::new(Coalescer::new("test", 1, 64, move |batch: Vec<u32>| {
             seen.lock().unwrap().push(batch.len());
             async move {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 batch.into_iter().map(|n| n * 2).collect()
             }
         }));
@@ -130,7 +155,7 @@ mod tests {
         }
         let sizes = batches.lock().unwrap().clone();
         assert_eq!(sizes.iter().sum::<usize>(), 51);
-        // The first of the 50 may go alone; the rest wait for it and share.
+        // The first of the 50 goes alone; the rest wait for it and share.
         assert!(sizes.len() <= 4, "50 concurrent calls took {} batches: {sizes:?}", sizes.len());
     }
 
@@ -145,7 +170,7 @@ mod tests {
             async move {
                 let now = r.fetch_add(1, Ordering::SeqCst) + 1;
                 m.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 r.fetch_sub(1, Ordering::SeqCst);
                 batch
             }
@@ -155,5 +180,20 @@ mod tests {
             assert_eq!(call.await.unwrap(), Some(n as u32));
         }
         assert_eq!(most.load(Ordering::SeqCst), 2, "two lanes, both used, never more");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_call_gives_its_lane_back() {
+        let coalescer = Arc::new(Coalescer::new("test", 1, 8, |batch: Vec<u64>| async move {
+            for &ms in &batch {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            batch
+        }));
+        // Holds the only lane, then is cancelled while on the wire.
+        let slow = tokio::time::timeout(Duration::from_millis(10), coalescer.call(10_000)).await;
+        assert!(slow.is_err());
+        let answer = tokio::time::timeout(Duration::from_secs(5), coalescer.call(1)).await;
+        assert_eq!(answer.ok().and_then(Result::ok), Some(1), "the lane was given back");
     }
 }
