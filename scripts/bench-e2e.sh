@@ -2,6 +2,15 @@
 # The end-to-end benchmark (docs/BENCHMARKS.md): builds what it compares
 # (release wasmsub, the native subscriber, the guests, daprd, a Python venv
 # with the Dapr SDK) and runs bench/e2e/run.py. Not part of the tests.
+#
+# Prints, per subscriber, events/s, p50/p99 latency and the cost model over
+# the throughput phase: CPU µs per event of the subscriber, daprd and Redis,
+# Redis commands, sidecar calls and deliveries per event; then ratios.
+#   --events N           events for the throughput phase (default 2000)
+#   --latency-events N   events one at a time for latency (default 200)
+#   --repeat N           the whole comparison N times, each run's table and
+#                        then the medians (the machine is shared and noisy)
+#   --details            pids, calls by route and Redis commands by name
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_cargo

@@ -6,17 +6,44 @@ side by side in one run, for the todo app's task-created handler as
   - the background document's Python FastAPI subscriber on the official
     Dapr Python SDK (bench/e2e/python_subscriber.py).
 
-For each: throughput (N events published by 8 concurrent publishers, timed
-until every task's state is visible through Dapr) and latency (events
-published one at a time, each timed until its state is visible, polled
-every millisecond). Run through scripts/bench-e2e.sh, which prepares the
-binaries and the Python environment.
+For each:
+
+  - throughput: N events published by 8 concurrent publishers, timed until
+    every task's state exists (checked in Redis directly, one pipelined
+    EXISTS per 50 pending keys every 5 ms, so the check itself adds no
+    load to daprd and is subtracted from Redis's figures);
+  - latency: events published one at a time, each timed until its state is
+    visible through Dapr's state API (polled every millisecond);
+  - the cost model, over the throughput phase only (after the warm-up has
+    fully taken effect, until every event has and Redis is quiet):
+      * CPU per event of the subscriber (its process and any children),
+        of daprd and of Redis: utime + stime from /proc/<pid>/stat;
+      * Redis commands per event (INFO commandstats), without the
+        benchmark's own EXISTS and INFO;
+      * sidecar calls per event: the app's calls to daprd's HTTP and gRPC
+        APIs, from daprd's Prometheus metrics (dapr_http_server_request_count
+        and dapr_grpc_io_server_completed_rpcs), without health checks and
+        without the benchmark's own publishes;
+      * deliveries per event: daprd's HTTP calls to the app
+        (dapr_http_client_completed_count), which bulk subscribe batches.
+    The daprd and Redis columns include accepting the benchmark's publish
+    (one per event); a "publishing alone" line measures that share.
+
+--repeat N runs the whole comparison N times (variant order rotated each
+time) and prints every run's table, then the median of each cell and the
+median of each run's ratios. --details adds each subscriber's pids, its
+calls by route and its Redis commands by name. CPU comes in clock ticks
+(10 ms), so quote figures from the default 2000 events, not from a short
+run. Run through scripts/bench-e2e.sh, which prepares the binaries and the
+Python environment.
 """
 
 import argparse
+import collections
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -26,6 +53,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PUBLISHERS = 8
 
 
 def free_port():
@@ -91,9 +121,10 @@ def cloud_event(event_id, task_id):
 
 def start_redis(procs, work, repo):
     """A Redis for the run, and the repository's Dapr components pointed at
-    it (in work/components). Returns (redis port, components directory)."""
+    it (in work/components). Returns (redis port, components directory);
+    the Redis process is procs.redis."""
     redis_port = free_port()
-    procs.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    procs.redis = procs.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
     wait_until(lambda: subprocess.run(["redis-cli", "-p", str(redis_port), "ping"], capture_output=True).stdout.strip() == b"PONG", "redis")
     components = os.path.join(work, "components")
     os.makedirs(components)
@@ -103,23 +134,292 @@ def start_redis(procs, work, repo):
     return redis_port, components
 
 
+# ---------------------------------------------------------------- measuring
+
+class Redis:
+    """A minimal RESP2 client over one socket, counting what it sends (by
+    command name) so the benchmark can take its own commands out of Redis's
+    statistics."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.file = self.sock.makefile("rb")
+        self.sent = collections.Counter()
+
+    def pipeline(self, commands):
+        out = bytearray()
+        for command in commands:
+            self.sent[str(command[0]).lower()] += 1
+            out += b"*%d\r\n" % len(command)
+            for arg in command:
+                arg = arg if isinstance(arg, bytes) else str(arg).encode()
+                out += b"$%d\r\n%s\r\n" % (len(arg), arg)
+        self.sock.sendall(out)
+        return [self._read() for _ in commands]
+
+    def __call__(self, *command):
+        return self.pipeline([command])[0]
+
+    def _read(self):
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RuntimeError(f"redis: {rest.decode()}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self.file.read(n + 2)[:-2]
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]
+        raise RuntimeError(f"redis: unexpected reply {line!r}")
+
+    def commandstats(self):
+        """{command: (calls, usec)} from INFO commandstats."""
+        stats = {}
+        for line in self("INFO", "commandstats").decode().splitlines():
+            if line.startswith("cmdstat_"):
+                name, fields = line[len("cmdstat_"):].split(":", 1)
+                values = dict(field.split("=", 1) for field in fields.split(","))
+                stats[name] = (int(values["calls"]), int(values["usec"]))
+        return stats
+
+
+def process_tree(pid):
+    """pid and its live descendants (through /proc/<pid>/task/*/children)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            pass
+    return tree
+
+
+def cpu_ticks(pid):
+    """utime + stime (+ cutime + cstime: descendants that exited and were
+    reaped) of pid and its live descendants, in clock ticks."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        # fields[0] is field 3 (state): utime, stime, cutime, cstime are fields 14-17.
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return total
+
+
+def describe_process(pid):
+    def comm(p):
+        try:
+            return open(f"/proc/{p}/comm").read().strip()
+        except FileNotFoundError:
+            return "?"
+    return ", ".join(f"{p} ({comm(p)}, {len(os.listdir(f'/proc/{p}/task'))} threads)" for p in process_tree(pid))
+
+
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+SIDECAR_METRICS = {
+    # The app's calls to daprd's HTTP API, by method and (normalised) path.
+    "dapr_http_server_request_count": ("http", ("method", "path")),
+    # The app's calls to daprd's gRPC API (the Python SDK's transport).
+    "dapr_grpc_io_server_completed_rpcs": ("grpc", ("grpc_server_method",)),
+    # daprd's HTTP calls to the app: event deliveries.
+    "dapr_http_client_completed_count": ("to-app", ("method", "path")),
+}
+
+
+def daprd_metrics(url):
+    """{(kind, label...): count} for SIDECAR_METRICS, summed over status."""
+    status, body = http("GET", url)
+    if status != 200:
+        raise SystemExit(f"daprd metrics at {url}: HTTP {status}")
+    counts = collections.Counter()
+    for line in body.decode().splitlines():
+        if line.startswith("#"):
+            continue
+        name, _, rest = line.partition("{")
+        if name not in SIDECAR_METRICS:
+            continue
+        labels_text, _, value = rest.rpartition("}")
+        labels = dict(LABEL.findall(labels_text))
+        kind, keys = SIDECAR_METRICS[name]
+        counts[(kind, *(labels.get(k, "") for k in keys))] += float(value)
+    return counts
+
+
+def is_health_check(key):
+    return "healthz" in key[-1].lower() or "grpc.health" in key[-1].lower()
+
+
+class Snapshot:
+    """CPU ticks, Redis commands and daprd's call counters at one moment.
+    A window's opening snapshot reads the CPU last and its closing one reads
+    it first, so the window's CPU leaves out the metrics scrapes."""
+
+    def __init__(self, pids, redis, metrics_url, opening):
+        if not opening:
+            self.ticks = {name: cpu_ticks(pid) for name, pid in pids.items()}
+        self.calls = daprd_metrics(metrics_url) if metrics_url else collections.Counter()
+        self.sent = redis.sent.copy()  # before INFO: Redis counts the opening INFO in the window
+        self.commands = redis.commandstats()
+        if opening:
+            self.ticks = {name: cpu_ticks(pid) for name, pid in pids.items()}
+        self.time = time.monotonic()
+
+
+def cost(before, after, events, redis, publish_key):
+    """The cost model over [before, after], per event."""
+    mine = after.sent - before.sent  # the benchmark's own commands, INFO before included
+    commands, usec_mine = collections.Counter(), 0
+    for name, (calls, usec) in after.commands.items():
+        calls0, usec0 = before.commands.get(name, (0, 0))
+        commands[name] = calls - calls0
+        if mine[name] and calls > calls0:
+            usec_mine += (usec - usec0) * min(1.0, mine[name] / (calls - calls0))
+    commands -= mine
+    calls = after.calls.copy()
+    calls.subtract(before.calls)
+    calls = collections.Counter({k: v for k, v in calls.items() if v})
+    own_publishes = calls.pop(publish_key, 0)
+    health = sum(calls.pop(k) for k in [k for k in calls if is_health_check(k)])
+    to_app = sum(v for k, v in calls.items() if k[0] == "to-app")
+    to_sidecar = sum(v for k, v in calls.items() if k[0] != "to-app")
+    us = lambda name: (after.ticks[name] - before.ticks[name]) * 1e6 / CLK_TCK
+    return {
+        "sub_us": us("subscriber") / events,
+        "daprd_us": us("daprd") / events,
+        "redis_us": max(0.0, us("redis") - usec_mine) / events,
+        "redis_cmds": sum(commands.values()) / events,
+        "calls": to_sidecar / events,
+        "deliveries": to_app / events,
+        "own_publishes": own_publishes,
+        "health_checks": health,
+        "calls_by_route": {k: v / events for k, v in calls.items()},
+        "commands_by_name": {k: v / events for k, v in commands.items() if v},
+        "window_s": after.time - before.time,
+    }
+
+
+def quiesce(redis, limit=3.0):
+    """Waits until Redis has seen no command but the benchmark's own INFO for
+    150 ms (the last events' follow-up publishes, acknowledgements, lock
+    releases have landed), at most `limit` seconds. Cheaper for daprd than
+    watching its metrics, which would cost it a scrape every few ms."""
+    deadline = time.monotonic() + limit
+    total = lambda: int(re.search(rb"total_commands_processed:(\d+)", redis("INFO", "stats")).group(1))
+    last = total()
+    while time.monotonic() < deadline:
+        time.sleep(0.15)
+        now = total()
+        if now - last <= 1:
+            return
+        last = now
+
+
+def wait_for_keys(redis, keys, limit, what):
+    """Polls Redis until every key exists: one pipelined round of EXISTS
+    over chunks of 50 pending keys every 5 ms, dropping a chunk once all
+    of it exists."""
+    chunks = [keys[i:i + 50] for i in range(0, len(keys), 50)]
+    deadline = time.monotonic() + limit
+    while chunks:
+        found = redis.pipeline([("EXISTS", *chunk) for chunk in chunks])
+        chunks = [chunk for chunk, n in zip(chunks, found) if n != len(chunk)]
+        if not chunks:
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what}: {sum(map(len, chunks))} events never took effect")
+        time.sleep(0.005)
+
+
+# ---------------------------------------------------------------- variants
+
 class Variant:
     def __init__(self, name, state_key, start):
         self.name, self.state_key, self.start = name, state_key, start
 
 
-def run_variant(args, procs, variant, redis_port, components, work):
-    http_port, grpc_port, app_port = free_port(), free_port(), free_port()
-    subprocess.run(["redis-cli", "-p", str(redis_port), "flushall"], check=True, capture_output=True)
-    daprd = procs.start(f"daprd-{variant.name}", [
-        args.daprd, "--app-id", "bench", "--app-port", str(app_port), "--app-protocol", "http",
+# daprd's configuration: only the HTTP metrics' path labels differ from the
+# defaults. By default daprd labels every state call "/v1.0/state/<store>"
+# (save, bulk get and transaction alike); these patterns tell them apart.
+# Paths matching none (publish) keep their default label, topic included.
+DAPRD_CONFIG = """apiVersion: dapr.io/v1alpha1
+kind: Configuration
+metadata:
+  name: bench
+spec:
+  metric:
+    enabled: true
+    http:
+      pathMatching:
+        - /v1.0/state/{store}
+        - /v1.0/state/{store}/bulk
+        - /v1.0/state/{store}/transaction
+        - /v1.0/state/{store}/{key}
+"""
+
+
+def start_daprd(args, procs, name, app_port, components):
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    app = ["--app-port", str(app_port), "--app-protocol", "http"] if app_port else []
+    daprd = procs.start(f"daprd-{name}", [
+        args.daprd, "--app-id", "bench", *app,
         "--dapr-http-port", str(http_port), "--dapr-grpc-port", str(grpc_port),
-        "--dapr-internal-grpc-port", str(free_port()), "--metrics-port", str(free_port()),
-        "--resources-path", components, "--log-level", "warn",
+        "--dapr-internal-grpc-port", str(free_port()), "--metrics-port", str(metrics_port),
+        "--resources-path", components, "--config", args.daprd_config, "--log-level", "warn",
     ])
     base = f"http://127.0.0.1:{http_port}"
     wait_until(lambda: http("GET", f"{base}/v1.0/healthz/outbound")[0] == 204, "daprd")
+    return daprd, base, grpc_port, f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def publish_in_parallel(publish, ids, prefix):
+    with concurrent.futures.ThreadPoolExecutor(PUBLISHERS) as pool:
+        list(pool.map(lambda i: publish(f"{prefix}-{i}", i), ids))
+
+
+def measure_publish_alone(args, procs, redis, components, tag):
+    """What accepting a publish costs daprd and Redis, with no subscriber:
+    the share of the daprd and Redis columns that is the benchmark's own
+    publishing. Uses a topic nothing subscribes to."""
+    daprd, base, _, metrics_url = start_daprd(args, procs, f"publish-alone-{tag}", None, components)
+
+    def publish(event_id, task_id):
+        status, body = http("POST", f"{base}/v1.0/publish/pubsub/bench-publish-alone", cloud_event(event_id, task_id), "application/cloudevents+json")
+        assert status == 204, body
+
+    publish_in_parallel(publish, range(50), "warm")
+    pids = {"subscriber": os.getpid(), "daprd": daprd.pid, "redis": procs.redis.pid}
+    before = Snapshot(pids, redis, metrics_url, opening=True)
+    publish_in_parallel(publish, range(args.events), "p")
+    after = Snapshot(pids, redis, metrics_url, opening=False)
+    procs.stop(daprd)
+    redis("DEL", "bench-publish-alone")
+    result = cost(before, after, args.events, redis, ("http", "POST", "/v1.0/publish/pubsub/bench-publish-alone"))
+    result["events_per_s"] = args.events / result["window_s"]
+    return result
+
+
+def run_variant(args, procs, redis, variant, components, work):
+    app_port = free_port()
+    redis("FLUSHALL")
+    daprd, base, grpc_port, metrics_url = start_daprd(args, procs, variant.name, app_port, components)
+    http_port = int(base.rsplit(":", 1)[1])
     app = variant.start(procs, app_port, http_port, grpc_port, work)
+    redis_key = lambda task_id: f"bench||{variant.state_key(task_id)}"
 
     def has_effect(task_id):
         status, _ = http("GET", f"{base}/v1.0/state/statestore/{urllib.request.quote(variant.state_key(task_id), safe='')}")
@@ -139,19 +439,27 @@ def run_variant(args, procs, variant, redis_port, components, work):
         return has_effect(10_000_000 + counter[0])
 
     wait_until(warm, f"{variant.name} to handle an event")
-    for i in range(50):
-        publish(f"warm-more-{i}", 20_000_000 + i)
+    if redis("EXISTS", redis_key(10_000_000 + counter[0])) != 1:
+        raise SystemExit(f"{variant.name}: the task is visible through Dapr but not as Redis key {redis_key(10_000_000 + counter[0])!r}")
+    publish_in_parallel(publish, range(20_000_000, 20_000_050), "warm-more")
+    wait_for_keys(redis, [redis_key(i) for i in range(20_000_000, 20_000_050)], 120, f"{variant.name} warm-up")
+    quiesce(redis)
 
-    # Throughput.
-    started = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: publish(f"t-{i}", i), range(args.events)))
-    pending = set(range(args.events))
-    while pending:
-        pending = {i for i in pending if not has_effect(i)}
-        if time.monotonic() - started > 300:
-            raise SystemExit(f"{variant.name}: {len(pending)} events never took effect")
-    throughput = args.events / (time.monotonic() - started)
+    # Throughput, and the cost model over it.
+    if app.poll() is not None:
+        raise SystemExit(f"{variant.name}: the subscriber exited ({app.returncode}); see {work}")
+    pids = {"subscriber": app.pid, "daprd": daprd.pid, "redis": procs.redis.pid}
+    processes = {name: describe_process(pid) for name, pid in pids.items()}
+    before = Snapshot(pids, redis, metrics_url, opening=True)
+    publish_in_parallel(publish, range(args.events), "t")
+    wait_for_keys(redis, [redis_key(i) for i in range(args.events)], 300, variant.name)
+    throughput = args.events / (time.monotonic() - before.time)
+    quiesce(redis)
+    after = Snapshot(pids, redis, metrics_url, opening=False)
+    result = cost(before, after, args.events, redis, ("http", "POST", "/v1.0/publish/pubsub/task-created"))
+    if result["own_publishes"] != args.events:
+        print(f"warning: {variant.name}: daprd counted {result['own_publishes']:.0f} publishes to task-created, "
+              f"the benchmark made {args.events}", file=sys.stderr)
 
     # Latency, one event at a time.
     latencies = []
@@ -166,11 +474,85 @@ def run_variant(args, procs, variant, redis_port, components, work):
     procs.stop(app)
     procs.stop(daprd)
     return {
+        **result,
         "variant": variant.name,
         "events_per_s": throughput,
         "p50_ms": statistics.median(latencies),
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
+        "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)],
+        "processes": processes,
     }
+
+
+# ---------------------------------------------------------------- reporting
+
+COLUMNS = [
+    # (key, header, width, format)
+    ("events_per_s", "events/s", 9, "{:.0f}"),
+    ("p50_ms", "p50 ms", 7, "{:.2f}"),
+    ("p99_ms", "p99 ms", 7, "{:.2f}"),
+    ("sub_us", "app µs/ev", 9, "{:.0f}"),
+    ("daprd_us", "daprd µs/ev", 11, "{:.0f}"),
+    ("redis_us", "Redis µs/ev", 11, "{:.0f}"),
+    ("redis_cmds", "Redis cmds/ev", 13, "{:.2f}"),
+    ("calls", "sidecar calls/ev", 16, "{:.2f}"),
+    ("deliveries", "deliveries/ev", 13, "{:.3f}"),
+]
+
+
+def print_table(title, rows):
+    print(f"\n{title}\n")
+    print(f"| {'subscriber':<28} | " + " | ".join(f"{h:>{w}}" for _, h, w, _ in COLUMNS) + " |")
+    print(f"|{'-' * 30}|" + "|".join("-" * (w + 2) for _, _, w, _ in COLUMNS) + "|")
+    for row in rows:
+        print(f"| {row['variant']:<28} | " + " | ".join(f"{f.format(row[k]):>{w}}" for k, _, w, f in COLUMNS) + " |")
+
+
+NAMES = {"wasmsub": "wasmsub", "bulk": "wasmsub, bulk subscribe", "native": "native Rust subscriber", "python": "Python FastAPI + Dapr SDK"}
+
+
+def ratios(rows):
+    by = {key: next(r for r in rows if r["variant"] == name) for key, name in NAMES.items()}
+    total = lambda r: r["sub_us"] + r["daprd_us"] + r["redis_us"]
+    out = {}
+    for a in ("wasmsub", "bulk"):
+        for b in ("native", "python"):
+            out[f"events/s {a} / {b}"] = by[a]["events_per_s"] / by[b]["events_per_s"]
+            out[f"app CPU/ev {a} / {b}"] = by[a]["sub_us"] / by[b]["sub_us"] if by[b]["sub_us"] else float("nan")
+            out[f"total CPU/ev {a} / {b}"] = total(by[a]) / total(by[b]) if total(by[b]) else float("nan")
+    return out
+
+
+def print_ratios(rows, ratio):
+    by = {key: next(r for r in rows if r["variant"] == name) for key, name in NAMES.items()}
+    total = lambda r: r["sub_us"] + r["daprd_us"] + r["redis_us"]
+    line = lambda what: "   ".join(f"{a} ÷ {b} {ratio[f'{what} {a} / {b}']:.2f}x" for a in ("wasmsub", "bulk") for b in ("native", "python"))
+    print(f"\n  events/s:                            {line('events/s')}")
+    print(f"  app CPU/event:                       {line('app CPU/ev')}")
+    print(f"  total CPU/event (app+daprd+Redis):   {line('total CPU/ev')}")
+    print("  total CPU µs/event:                  " + "   ".join(f"{k} {total(by[k]):.0f}" for k in NAMES))
+    print("  sidecar calls / Redis cmds per event: " + "   ".join(f"{k} {by[k]['calls']:.2f} / {by[k]['redis_cmds']:.2f}" for k in NAMES))
+
+
+def print_publish_alone(p, label="publishing alone"):
+    print(f"\n  {label} (no subscriber; included in the daprd and Redis columns): "
+          f"daprd {p['daprd_us']:.0f} µs/ev, Redis {p['redis_us']:.0f} µs/ev, {p['redis_cmds']:.2f} Redis cmds/ev")
+
+
+def print_details(rows):
+    for row in rows:
+        print(f"\n  {row['variant']}: {row['window_s']:.2f} s measured; pids: "
+              + "; ".join(f"{k} {v}" for k, v in row["processes"].items()))
+        print(f"    benchmark publishes excluded: {row['own_publishes']:.0f}; health checks excluded: {row['health_checks']:.0f}")
+        for key, per in sorted(row["calls_by_route"].items(), key=lambda kv: -kv[1]):
+            print(f"    {per:8.3f}/ev  {' '.join(key)}")
+        print("    Redis: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(row["commands_by_name"].items(), key=lambda kv: -kv[1])))
+
+
+def median_rows(runs):
+    rows = []
+    for i, first in enumerate(runs[0]):
+        rows.append({"variant": first["variant"], **{k: statistics.median(run[i][k] for run in runs) for k, _, _, _ in COLUMNS}})
+    return rows
 
 
 def main():
@@ -182,13 +564,24 @@ def main():
     parser.add_argument("--python", required=True, help="python with dapr, dapr-ext-fastapi, uvicorn")
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--latency-events", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=1, help="run the whole comparison N times; print each run and the medians")
+    parser.add_argument("--details", action="store_true", help="also print, per subscriber, its pids and the calls and Redis commands per event by kind")
     parser.add_argument("--repo", required=True)
     args = parser.parse_args()
+    if args.repeat < 1 or args.events < 1 or args.latency_events < 1:
+        parser.error("--repeat, --events and --latency-events must be at least 1")
 
     work = tempfile.mkdtemp(prefix="wasmsub-bench-")
     procs = Processes(work)
+    runs, publish_alone = [], []
+    title = (f"task-created through daprd + Redis: {args.events} events for throughput, {args.latency_events} one at a time for latency;\n"
+             f"µs/ev: CPU time (utime+stime) per event of the app, daprd and Redis processes over the throughput phase (clock tick {1e6 / CLK_TCK:.0f} µs);\n"
+             "Redis cmds, sidecar calls (app to daprd) and deliveries (daprd to app) per event over the same phase")
     try:
         redis_port, components = start_redis(procs, work, args.repo)
+        redis = Redis(redis_port)
+        args.daprd_config = os.path.join(work, "daprd-config.yaml")
+        open(args.daprd_config, "w").write(DAPRD_CONFIG)
 
         def wasmsub(bulk):
             def start(procs, app_port, http_port, grpc_port, work):
@@ -207,24 +600,41 @@ def main():
             return procs.start("native", [args.native, str(app_port), str(http_port)])
 
         def python(procs, app_port, http_port, grpc_port, work):
+            # The venv's python running uvicorn in-process (no --reload, no
+            # --workers): the pid Popen returns is the server itself.
             return procs.start("python", [args.python, "-m", "uvicorn", "python_subscriber:app", "--port", str(app_port), "--log-level", "warning"],
                                env={"DAPR_GRPC_PORT": str(grpc_port), "DAPR_HTTP_PORT": str(http_port)},
                                cwd=os.path.dirname(os.path.abspath(__file__)))
 
         variants = [
-            Variant("wasmsub", lambda i: f"wasmsub|state|4:todo|task:{i}", wasmsub(False)),
-            Variant("wasmsub, bulk subscribe", lambda i: f"wasmsub|state|4:todo|task:{i}", wasmsub(True)),
-            Variant("native Rust subscriber", lambda i: f"task:{i}", native),
-            Variant("Python FastAPI + Dapr SDK", lambda i: f"task:{i}", python),
+            Variant(NAMES["wasmsub"], lambda i: f"wasmsub|state|4:todo|task:{i}", wasmsub(False)),
+            Variant(NAMES["bulk"], lambda i: f"wasmsub|state|4:todo|task:{i}", wasmsub(True)),
+            Variant(NAMES["native"], lambda i: f"task:{i}", native),
+            Variant(NAMES["python"], lambda i: f"task:{i}", python),
         ]
-        rows = [run_variant(args, procs, v, redis_port, components, work) for v in variants]
+        for run in range(args.repeat):
+            publish_alone.append(measure_publish_alone(args, procs, redis, components, run))
+            order = variants[run % len(variants):] + variants[:run % len(variants)]
+            results = {v.name: run_variant(args, procs, redis, v, components, work) for v in order}
+            rows = [results[v.name] for v in variants]
+            runs.append(rows)
+            label = f"run {run + 1} of {args.repeat} (order: {' -> '.join(v.name for v in order)})" if args.repeat > 1 else ""
+            print_table(f"{title}\n{label}".rstrip(), rows)
+            print_ratios(rows, ratios(rows))
+            print_publish_alone(publish_alone[-1])
+            if args.details:
+                print_details(rows)
+            sys.stdout.flush()
     finally:
         procs.stop_all()
-    print(f"\ntask-created through daprd + Redis: {args.events} events for throughput, {args.latency_events} one at a time for latency\n")
-    print(f"| {'subscriber':<28} | {'events/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} |")
-    print(f"|{'-' * 30}|{'-' * 11}|{'-' * 9}|{'-' * 9}|")
-    for row in rows:
-        print(f"| {row['variant']:<28} | {row['events_per_s']:>9.0f} | {row['p50_ms']:>7.2f} | {row['p99_ms']:>7.2f} |")
+    if args.repeat > 1:
+        medians = median_rows(runs)
+        print_table(f"median of {args.repeat} runs, each cell separately ({args.events} events for throughput, {args.latency_events} for latency)", medians)
+        per_run = [ratios(rows) for rows in runs]
+        print_ratios(medians, {k: statistics.median(r[k] for r in per_run) for k in per_run[0]})
+        print("  (ratios: the median of each run's ratio; totals and calls: from the median table)")
+        print_publish_alone({k: statistics.median(p[k] for p in publish_alone) for k in ("daprd_us", "redis_us", "redis_cmds")},
+                            "publishing alone, median")
     shutil.rmtree(work, ignore_errors=True)
 
 
