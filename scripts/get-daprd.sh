@@ -3,7 +3,8 @@
 #
 # Order: $DAPRD (if executable), ~/.dapr/bin/daprd, daprd on PATH, else a
 # slim daprd built from tests/daprd (pinned github.com/dapr/dapr, only the
-# redis and in-memory pubsub/state components) via the Go module proxy, cached
+# components the tests use: redis and in-memory pubsub/state, kafka and
+# aws.snssqs pubsub) via the Go module proxy, cached
 # in ${WASMSUB_CACHE:-~/.cache/wasmsub}/daprd-<version>-<source hash>/daprd.
 set -euo pipefail
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command that runs every test: installs what is missing (Redis from
-# Debian, the guest toolchain, a daprd built from Dapr's Go module, all
-# cached outside the clone), then runs the unit and integration tests,
-# including those against a real daprd and Redis.
+# Debian, the guest toolchain, a daprd built from Dapr's Go module, Kafka's
+# jars from Maven Central, moto from PyPI, all cached outside the clone),
+# then runs the unit and integration tests, including those against a real
+# daprd with Redis, Kafka and SNS/SQS (moto) as its broker.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_cargo
@@ -18,6 +19,11 @@ step "daprd (cached by its pinned version and source hash)"
 DAPRD="$(bash scripts/get-daprd.sh)"
 export DAPRD
 "$DAPRD" --version >&2 || true
+
+step "Kafka's jars (Maven Central) and moto (PyPI) for the broker tests (cached by version)"
+KAFKA_LIB="$(bash scripts/get-kafka.sh)"
+MOTO_SERVER="$(bash scripts/get-moto.sh)"
+export KAFKA_LIB MOTO_SERVER
 
 step "both guest toolchains build loadable components"
 bash scripts/check-guest-toolchains.sh

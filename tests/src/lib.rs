@@ -1,6 +1,13 @@
 //! Shared harness for wasmsub's integration tests: the guest fixtures (built
 //! by `build.rs` from `guests/`) and a host on the embedded broker with a
 //! throw-away store, driven through its real pipeline.
+//!
+//! - `process`: child processes on free ports, killed by pid on drop.
+//! - `dapr`: Redis, daprd sidecars and host processes behind them.
+//! - `brokers`: the pub/sub broker a Dapr test runs on (Redis Streams,
+//!   `kafka`: a real Kafka broker, `moto`: AWS SNS/SQS), with its
+//!   component YAMLs and its "nothing left to redeliver" check.
+//! - `embedded`: an embedded host as a process.
 
 use std::path::Path;
 use std::time::Duration;
@@ -11,8 +18,11 @@ use wasmsub::cloudevent::CLOUDEVENTS_JSON;
 use wasmsub::transport::PublishError;
 use wasmsub::{DaprStatus, EventReport, Host, HostOptions, Manifest};
 
+pub mod brokers;
 pub mod dapr;
 pub mod embedded;
+pub mod kafka;
+pub mod moto;
 pub mod process;
 
 /// Paths of the guest components, one constant per guest crate.

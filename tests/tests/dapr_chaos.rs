@@ -19,7 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use wasmsub_tests::dapr::{DaprClient, Daprd, Process, Redis, Scratch, bulk_counts, free_port, start_host_with, wait_until_subscribed};
+use wasmsub_tests::dapr::{
+    DaprClient, Daprd, Process, Redis, Scratch, acked_by_dapr_without_an_answer, bulk_counts, free_port, settled_by_a_host, start_host_with,
+    wait_until_subscribed,
+};
 use wasmsub_tests::{cloud_event, guests};
 
 const HOST: &str = env!("CARGO_BIN_EXE_wasmsub-under-test");
@@ -44,38 +47,6 @@ fn manifest_text() -> String {
 /// A replica's sidecar, logging each delivery's answer (debug).
 fn sidecar(name: &str, app: u16, http: u16, grpc: u16, components: &Path, dir: &Path) -> Daprd {
     Daprd::start_logging(name, APP_ID, app, http, grpc, components, dir, "debug")
-}
-
-/// Events a sidecar acknowledged after taking a killed app's broken answer
-/// for an empty 2xx (see the module's comment).
-fn acked_by_dapr_without_an_answer(dir: &Path) -> std::collections::BTreeSet<String> {
-    const MARK: &str = "skipping status check due to empty response body from pub/sub event ";
-    let mut ids = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("daprd-") && name.ends_with(".log") {
-            for line in std::fs::read_to_string(entry.path()).unwrap_or_default().lines() {
-                if let Some(rest) = line.split(MARK).nth(1) {
-                    ids.insert(rest.split('"').next().unwrap_or("").trim().to_owned());
-                }
-            }
-        }
-    }
-    ids
-}
-
-/// Whether any host life settled `event` for `handler` (processed it, or
-/// skipped it as done).
-fn settled_by_a_host(dir: &Path, event: &str, handler: &str) -> bool {
-    let (id, by) = (format!("messaging.message.id={event} "), format!("handler={handler}}}"));
-    std::fs::read_dir(dir).unwrap().flatten().any(|entry| {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        name.starts_with("host-")
-            && name.ends_with(".log")
-            && std::fs::read_to_string(entry.path()).unwrap_or_default().lines().any(|l| {
-                l.contains(&id) && l.contains(&by) && (l.contains("event processed") || l.contains("duplicate delivery skipped"))
-            })
-    })
 }
 
 /// One replica: a host process (restarted with a new log each life, on one
