@@ -31,25 +31,33 @@ const MAX_RECORDS: usize = 256;
 pub(super) struct PublishedMarks {
     queue: mpsc::UnboundedSender<String>,
     /// Started by the first record, inside the runtime.
-    idle: Mutex<Option<(mpsc::UnboundedReceiver<String>, Sidecar, String, SharedClock)>>,
+    idle: Mutex<Option<Rewriter>>,
+}
+
+/// What the background rounds need: the queue's receiving end and where to write.
+struct Rewriter {
+    records: mpsc::UnboundedReceiver<String>,
+    sidecar: Sidecar,
+    store: String,
+    clock: SharedClock,
 }
 
 impl PublishedMarks {
     pub(super) fn new(sidecar: Sidecar, store: String, clock: SharedClock) -> Self {
         let (queue, records) = mpsc::unbounded_channel();
-        Self { queue, idle: Mutex::new(Some((records, sidecar, store, clock))) }
+        Self { queue, idle: Mutex::new(Some(Rewriter { records, sidecar, store, clock })) }
     }
 
     /// `record_key`'s outbox is all published: clear it soon.
     pub(super) fn mark(&self, record_key: String) {
-        if let Some((records, sidecar, store, clock)) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            tokio::spawn(rewrite_in_rounds(records, sidecar, store, clock));
+        if let Some(rewriter) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            tokio::spawn(rewrite_in_rounds(rewriter));
         }
         let _ = self.queue.send(record_key);
     }
 }
 
-async fn rewrite_in_rounds(mut records: mpsc::UnboundedReceiver<String>, sidecar: Sidecar, store: String, clock: SharedClock) {
+async fn rewrite_in_rounds(Rewriter { mut records, sidecar, store, clock }: Rewriter) {
     while let Some(first) = records.recv().await {
         tokio::time::sleep(GATHER).await;
         let mut round = vec![first];
