@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use wasmsub::store::DedupeKey;
 use wasmsub_tests::dapr::{
-    DaprClient, Daprd, Redis, Scratch, bulk_counts, free_port, handler_counts, manifest, start_host, wait_until_subscribed,
+    DaprClient, Daprd, Redis, Scratch, acked_by_dapr_without_an_answer, bulk_counts, free_port, handler_counts, manifest, start_host,
+    wait_until_subscribed,
 };
 use wasmsub_tests::{cloud_event, guests};
 
@@ -186,7 +187,9 @@ async fn two_hosts_share_the_work_exactly_once_even_when_one_dies() {
     let manifest = scratch.manifest(&manifest("max_concurrency = 8", &[("orders", guests::RECORDER, "orders", "")]));
     let (port_a, port_b) = (free_port(), free_port());
     let daprd_a = Daprd::start("daprd-a", "scaled", port_a, &components, scratch.path());
-    let mut daprd_b = Daprd::start("daprd-b", "scaled", port_b, &components, scratch.path());
+    // Host B's sidecar logs at debug: it says which deliveries it took for
+    // acknowledged when host B died mid-request (see below).
+    let mut daprd_b = Daprd::start_logging("daprd-b", "scaled", port_b, free_port(), free_port(), &components, scratch.path(), "debug");
     let host_a = start_host(HOST, "host-a", &manifest, &daprd_a, scratch.path());
     let mut host_b = start_host(HOST, "host-b", &manifest, &daprd_b, scratch.path());
     let client = DaprClient::new(&daprd_a);
@@ -217,7 +220,36 @@ async fn two_hosts_share_the_work_exactly_once_even_when_one_dies() {
     daprd_b.kill();
     assert!(done_at_kill < keys.len(), "all events were done before host B died: the test proves nothing");
     publisher.await.unwrap();
-    assert_each_counted_once(&daprd_a, &redis, "scaled", &count_keys, Duration::from_secs(120)).await;
+    // daprd 1.18.2 sometimes takes the broken exchange of an app SIGKILLed
+    // mid-request for an empty 2xx and acknowledges the event (see
+    // tests/tests/dapr_chaos.rs): such an event may be missing, and only if
+    // host B's sidecar logged it. Any other missing event is the host's loss.
+    // A busy machine drains slowly: give up only when nothing has moved
+    // for 90 s (redeliveries come every few seconds).
+    let (mut last_missing, mut since) = (usize::MAX, Instant::now());
+    loop {
+        let counts = bulk_counts(&daprd_a, &count_keys).await;
+        let missing: Vec<&String> = keys.iter().zip(&counts).filter(|(_, c)| c.is_none()).map(|(k, _)| k).collect();
+        if missing.is_empty() {
+            break;
+        }
+        if missing.len() != last_missing {
+            (last_missing, since) = (missing.len(), Instant::now());
+        }
+        if since.elapsed() >= Duration::from_secs(90) {
+            let acked = acked_by_dapr_without_an_answer(scratch.path());
+            for event in missing {
+                assert!(acked.contains(event), "event {event} never took effect, and no sidecar acknowledged it without an answer: the host lost it");
+                eprintln!("event {event} was acknowledged by daprd-b without an answer from the killed host (Dapr's, not the host's)");
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    redis.wait_drained("orders", "scaled", Duration::from_secs(60));
+    let counts = bulk_counts(&daprd_a, &count_keys).await;
+    let doubled: Vec<_> = keys.iter().zip(&counts).filter(|(_, c)| c.as_deref().is_some_and(|c| c != "1")).collect();
+    assert!(doubled.is_empty(), "effects not exactly once: {doubled:?}");
     let served_b = std::fs::read_to_string(&host_b.log).unwrap().matches("event processed").count();
     assert!(served_b > 0, "host B took no share of the work");
     drop(host_a);
