@@ -443,12 +443,26 @@ async fn bulk_deliveries_share_their_sidecar_calls() {
         ("task-created", guests::TASK_CREATED, "task-created", bulk),
     ]), &[("RUST_LOG", "info,wasmsub=debug,wasmsub::sidecar=trace")]).await;
     let (daprd, redis) = (&stack.daprd, stack.redis.as_ref().unwrap());
-    // A first event, so that the subscription's consumer group exists before the bulk.
-    stack.client.publish("task-created", &cloud_event("t-first", json!({"id": "first", "title": "first"}))).await;
+    // Warm-up events until one is processed: the bulk subscription's
+    // consumer group may be created after the `orders` one, and Redis
+    // Streams drops what is published before it exists.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while handler_counts(stack.app_port, "task-created").await["processed"] != 1 {
-        assert!(Instant::now() < deadline, "the first event was not processed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut attempt = 0;
+    while handler_counts(stack.app_port, "task-created").await["processed"] == 0 {
+        assert!(Instant::now() < deadline, "no warm-up event was processed");
+        stack.client.publish("task-created", &cloud_event(&format!("t-warm-{attempt}"), json!({"id": format!("warm-{attempt}"), "title": "warm"}))).await;
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Let the last warm-ups settle, so that only the bulk's events are counted.
+    let mut warm = handler_counts(stack.app_port, "task-created").await["processed"].as_u64().unwrap();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = handler_counts(stack.app_port, "task-created").await["processed"].as_u64().unwrap();
+        if now == warm {
+            break;
+        }
+        warm = now;
     }
     const EVENTS: u64 = 300;
     let before = daprd.api_calls().await;
@@ -467,7 +481,7 @@ async fn bulk_deliveries_share_their_sidecar_calls() {
         .unwrap();
     assert!(response.status().is_success(), "bulk publish failed: {}", response.text().await.unwrap_or_default());
     let deadline = Instant::now() + Duration::from_secs(120);
-    while handler_counts(stack.app_port, "task-created").await["processed"] != EVENTS + 1 {
+    while handler_counts(stack.app_port, "task-created").await["processed"] != EVENTS + warm {
         assert!(Instant::now() < deadline, "the events were not all processed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
