@@ -64,7 +64,14 @@ struct PublishCall {
 
 type Done = Result<(), SidecarError>;
 
+/// Transactions are sent one per call, not merged: with transactions merged,
+/// `tests/tests/dapr.rs::restarting_daprd_with_events_in_flight_loses_none`
+/// lost rolled-forward writes in about one run in three (under
+/// investigation; see docs/ARCHITECTURE.md).
+const MERGE_TRANSACTIONS: bool = false;
+
 pub(super) struct Batches {
+    api: Api,
     gets: Coalescer<GetCall, Result<Vec<Read>, SidecarError>>,
     saves: Coalescer<SaveCall, Done>,
     transactions: Coalescer<TransactionCall, Done>,
@@ -73,12 +80,13 @@ pub(super) struct Batches {
 
 impl Batches {
     pub(super) fn new(api: Api) -> Self {
-        let (a, b, c, d) = (api.clone(), api.clone(), api.clone(), api);
+        let (a, b, c, d) = (api.clone(), api.clone(), api.clone(), api.clone());
         Self {
             gets: Coalescer::new("gets", LANES, MAX_CALLS, move |calls| run_gets(a.clone(), calls)),
             saves: Coalescer::new("saves", LANES, MAX_CALLS, move |calls| run_saves(b.clone(), calls)),
             transactions: Coalescer::new("transactions", LANES, MAX_CALLS, move |calls| run_transactions(c.clone(), calls)),
             publishes: Coalescer::new("publishes", LANES, MAX_CALLS, move |calls| run_publishes(d.clone(), calls)),
+            api,
         }
     }
 
@@ -97,6 +105,9 @@ impl Batches {
     }
 
     pub(super) async fn transaction(&self, store: &str, operations: Vec<Operation>) -> Done {
+        if !MERGE_TRANSACTIONS {
+            return self.api.transaction(store, &operations).await;
+        }
         match self.transactions.call(TransactionCall { store: store.to_owned(), operations }).await {
             Ok(answer) => answer,
             Err(Dropped) => Err(SidecarError::Interrupted { what: "state transaction" }),
