@@ -153,7 +153,24 @@ impl DaprStore {
             }
             if let Some((current, etag)) = self.load_lock(namespace, key).await? {
                 if current.token == token {
-                    return Ok(KeyLock { record, token, etag: None, _turn: turn }); // the insert landed; its answer was lost
+                    // One of our writes landed though it was answered with
+                    // an error: the insert, or a takeover. A takeover is
+                    // "refused" after landing whenever its save was merged
+                    // with other calls, the merged request failed on
+                    // someone else's item, and our item, sent again alone,
+                    // failed its ETag check against itself (Redis applies
+                    // a save item by item). So finish what the record we
+                    // wrote promises: roll its `unfinished` commits forward
+                    // (none for an insert). Returning without it let the
+                    // lock be given back with a dead holder's committed
+                    // write never applied.
+                    for earlier in &current.unfinished {
+                        self.roll_forward(earlier, namespace, key).await?;
+                    }
+                    if !current.unfinished.is_empty() {
+                        tracing::info!(tenant = namespace, "took over an expired state key lock (answer lost); rolled its commit forward");
+                    }
+                    return Ok(KeyLock { record, token, etag: None, _turn: turn });
                 }
                 if current.expired(self.clock.now_ms()) {
                     let mut unfinished = current.unfinished.clone();
