@@ -34,8 +34,8 @@ pub struct MemoryBudget {
     /// Compiled code of the serving versions (each later deploy adds its
     /// own, until it leaves the rollback window).
     pub compiled_code: u64,
-    /// Instance slots, each at the largest tenant memory limit, with its
-    /// fiber stack.
+    /// Instance slots and instances made ahead, each at the largest tenant
+    /// memory limit, with its fiber stack.
     pub instances: u64,
     /// Effects an attempt may buffer, for every slot.
     pub buffered_effects: u64,
@@ -66,7 +66,8 @@ impl MemoryBudget {
     pub fn compute(manifest: &Manifest, registry: &Registry, inputs: &BudgetInputs<'_>) -> Self {
         let largest_memory = manifest.tenants.iter().map(|t| u64::from(t.limits.memory_mib) << 20).max().unwrap_or(0);
         let largest_payload = manifest.tenants.iter().map(|t| t.limits.max_payload_bytes as u64).max().unwrap_or(0);
-        let slots = u64::from(inputs.engine.instance_slots);
+        // Attempts' slots and the instances made ahead of them.
+        let slots = u64::from(inputs.engine.instance_slots) + u64::from(inputs.engine.ready_instances);
         let mut seen = std::collections::HashSet::new();
         let compiled_code = registry
             .handlers()

@@ -336,6 +336,12 @@ impl Host {
         self.metrics.encode()
     }
 
+    /// Fresh instances made ahead and waiting for their attempts
+    /// (`runtime/ready.rs`).
+    pub fn instances_ready(&self) -> usize {
+        self.runtime.instances_ready()
+    }
+
     /// The memory the configuration lets the host use (`budget.rs`).
     pub fn memory_bound(&self) -> &MemoryBudget {
         &self.health.budget

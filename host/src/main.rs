@@ -297,6 +297,11 @@ struct HostArgs {
     /// Instance pool size: the most events handled at once across tenants.
     #[arg(long, env = "WASMSUB_INSTANCE_SLOTS", default_value_t = EngineConfig::default().instance_slots)]
     instance_slots: u32,
+    /// Fresh instances made ahead of the attempts that will use them, in
+    /// all (at most 2 per handler; 0: every attempt makes its own). Each
+    /// still serves one event; it takes a pool slot and its start-up memory.
+    #[arg(long, env = "WASMSUB_READY_INSTANCES", default_value_t = EngineConfig::default().ready_instances)]
+    ready_instances: u32,
     /// Deliveries admitted at once (default: twice --instance-slots); past
     /// it the broker is answered RETRY instead of the host queueing them.
     #[arg(long, env = "WASMSUB_MAX_IN_FLIGHT")]
@@ -315,7 +320,7 @@ struct HostArgs {
 impl HostArgs {
     fn load(&self) -> anyhow::Result<(Manifest, HostOptions)> {
         let manifest = Manifest::load(&self.manifest)?;
-        let engine = EngineConfig { instance_slots: self.instance_slots, ..EngineConfig::default() };
+        let engine = EngineConfig { instance_slots: self.instance_slots, ready_instances: self.ready_instances, ..EngineConfig::default() };
         let options = HostOptions {
             engine,
             max_in_flight: self.max_in_flight,

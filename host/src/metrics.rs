@@ -90,6 +90,7 @@ pub struct Metrics {
     attempts: Family<AttemptLabels, Counter>,
     attempt_seconds: HistogramFamily<HandlerLabels>,
     instantiation_seconds: HistogramFamily<HandlerLabels>,
+    made_ahead: Family<HandlerLabels, Counter>,
     limit_hits: Family<LimitLabels, Counter>,
     deploys: Family<DeployLabels, Counter>,
     store_errors: Family<StoreLabels, Counter>,
@@ -104,6 +105,8 @@ pub struct Occupancy {
     pub instances_in_use: Gauge,
     /// Instance slots in all.
     pub instance_slots: Gauge,
+    /// Instances made ahead and waiting for an attempt.
+    pub instances_ready: Gauge,
     /// Deliveries admitted through the door and not yet answered.
     pub deliveries_in_flight: Gauge,
     /// Messages on the embedded broker's queue (0 behind Dapr).
@@ -132,6 +135,8 @@ impl Metrics {
         registry.register_with_unit("attempt_duration", "One attempt: waiting for an instance slot, instantiation and the guest's call", Unit::Seconds, attempt_seconds.clone());
         let instantiation_seconds: HistogramFamily<HandlerLabels> = Family::new_with_constructor(instantiation_histogram);
         registry.register_with_unit("instantiation_duration", "Making an attempt's fresh instance (part of the attempt's duration)", Unit::Seconds, instantiation_seconds.clone());
+        let made_ahead = Family::default();
+        registry.register("attempts_made_ahead", "Attempts whose fresh instance was made ahead of them (off the event's path; it still served only that attempt)", made_ahead.clone());
         let limit_hits = Family::default();
         registry.register("limit_hits", "Attempts stopped by a tenant limit: cpu_time, wall_time, memory, table, fuel, stack", limit_hits.clone());
         let deploys = Family::default();
@@ -141,10 +146,11 @@ impl Metrics {
         let occupancy = Occupancy::default();
         registry.register("instances_in_use", "Instance slots running an attempt now", occupancy.instances_in_use.clone());
         registry.register("instance_slots", "Instance slots in the pool", occupancy.instance_slots.clone());
+        registry.register("instances_ready", "Instances made ahead and waiting for an attempt", occupancy.instances_ready.clone());
         registry.register("deliveries_in_flight", "Deliveries admitted and not yet answered", occupancy.deliveries_in_flight.clone());
         registry.register("queue_messages", "Messages on the embedded broker's queue", occupancy.queue_messages.clone());
         registry.register_with_unit("queue", "Bytes on the embedded broker's queue", Unit::Bytes, occupancy.queue_bytes.clone());
-        Self { registry, deliveries, delivery_seconds, attempts, attempt_seconds, instantiation_seconds, limit_hits, deploys, store_errors, occupancy }
+        Self { registry, deliveries, delivery_seconds, attempts, attempt_seconds, instantiation_seconds, made_ahead, limit_hits, deploys, store_errors, occupancy }
     }
 
     /// A delivery to `handler` of `tenant` ended with `outcome` after `took`.
@@ -171,6 +177,11 @@ impl Metrics {
     pub fn instantiation(&self, tenant: &Arc<str>, handler: &Arc<str>, took: Duration) {
         let series = HandlerLabels { tenant: tenant.clone(), handler: handler.clone() };
         self.instantiation_seconds.get_or_create(&series).observe(took.as_secs_f64());
+    }
+
+    /// An attempt of `handler` ran on an instance made ahead of it.
+    pub fn made_ahead(&self, tenant: &Arc<str>, handler: &Arc<str>) {
+        self.made_ahead.get_or_create(&HandlerLabels { tenant: tenant.clone(), handler: handler.clone() }).inc();
     }
 
     /// A handler's serving version changed (`deploy`, `rollback`) or a

@@ -223,3 +223,25 @@ async fn a_handler_deployed_for_a_new_topic_receives_its_events_without_a_restar
     let too_big = strict.host.deployer().deploy_new("acme", "big", placement, Path::new("upload"), std::fs::read(guests::RECORDER).unwrap()).await;
     assert!(matches!(too_big, Err(DeployError::TooLarge { limit: 1000, .. })), "{too_big:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_deploy_no_instance_made_ahead_of_the_old_version_runs() {
+    let mut host = TestHost::start(&manifest_text("", &[HandlerSpec::new("probe", guests::MEMORY_PROBE, "probe")])).await.unwrap();
+    host.publish("probe", &cloud_event("before", json!({}))).await.unwrap();
+    assert_eq!(host.next_settled().await.outcome, Outcome::Processed { attempts: 1 });
+    assert_eq!(host.state("seen:before").await.as_deref(), Some("0 0"));
+    // Instances of the probe are made ahead; then echo (which writes no
+    // state) replaces it.
+    let deadline = tokio::time::Instant::now() + wasmsub_tests::SETTLE_TIMEOUT;
+    while host.host.instances_ready() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no instance was made ahead");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    host.host.deployer().deploy("acme", "probe", Path::new("echo"), std::fs::read(guests::ECHO).unwrap()).await.unwrap();
+    for i in 0..3 {
+        let id = format!("after-{i}");
+        host.publish("probe", &cloud_event(&id, json!({}))).await.unwrap();
+        assert_eq!(host.next_settled().await.outcome, Outcome::Processed { attempts: 1 });
+        assert_eq!(host.state(&format!("seen:{id}")).await, None, "{id} ran on an instance of the old version");
+    }
+}

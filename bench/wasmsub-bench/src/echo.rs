@@ -153,6 +153,56 @@ fn dispatch_rows(component_path: &Path, events: usize) -> anyhow::Result<Vec<Row
     Ok(rows)
 }
 
+/// A reused instance against fresh instances made ahead (as the service
+/// runs them), in alternating turns of `turn` events so both see the same
+/// machine: (reused, made ahead, to the answer). The made-ahead row's
+/// events/s includes making the instances.
+fn made_ahead_rows(component_path: &Path, events: usize) -> anyhow::Result<(Row, Row)> {
+    const TURN: usize = 100;
+    let store: Arc<dyn DeliveryStore> = Arc::new(MemoryStore::default());
+    let handle = tokio::runtime::Handle::current();
+    let runtime = Runtime::new(&EngineConfig::default())?;
+    let component = Arc::new(runtime.load(component_path)?);
+    let event = sample_event(1);
+    let mut reused = handle.block_on(runtime.reused_instance(&component, context(store.clone())))?;
+    let (mut reused_samples, mut ahead_samples) = (Vec::new(), Vec::new());
+    let (mut reused_time, mut ahead_time) = (Duration::ZERO, Duration::ZERO);
+    for turn in 0..(events / TURN).max(1) + 2 {
+        let warm_up = turn < 2;
+        let started = Instant::now();
+        for _ in 0..TURN {
+            let t = Instant::now();
+            handle.block_on(reused.call(&event)).expect("echo call");
+            if !warm_up {
+                reused_samples.push(t.elapsed());
+            }
+        }
+        if !warm_up {
+            reused_time += started.elapsed();
+        }
+        let started = Instant::now();
+        for _ in 0..TURN {
+            let made = handle.block_on(runtime.make_ahead(&component, context(store.clone()))).context("making an instance ahead")?;
+            let t = Instant::now();
+            let (result, spent) = handle.block_on(runtime.attempt_made_ahead(&component, context(store.clone()), &event, made));
+            let latency = t.elapsed();
+            assert!(matches!(result, AttemptResult::Succeeded(_)), "{result:?}");
+            drop(spent);
+            if !warm_up {
+                ahead_samples.push(latency);
+            }
+        }
+        if !warm_up {
+            ahead_time += started.elapsed();
+        }
+    }
+    let row = |name: &str, mut samples: Vec<Duration>, total: Duration| {
+        samples.sort();
+        Row { name: name.to_owned(), p50: samples[samples.len() / 2], p99: samples[samples.len() * 99 / 100], per_second: samples.len() as f64 / total.as_secs_f64() }
+    };
+    Ok((row("guest, reused (alternating turns)", reused_samples, reused_time), row("guest, fresh made ahead (to answer)", ahead_samples, ahead_time)))
+}
+
 /// Median of each phase of a fresh-instance attempt.
 fn phase_medians(component_path: &Path, events: usize) -> anyhow::Result<[Duration; 4]> {
     let store: Arc<dyn DeliveryStore> = Arc::new(MemoryStore::default());
@@ -206,9 +256,9 @@ pub async fn run(component: &Path, events: usize, out: &mut impl Write) -> anyho
     let component = component.canonicalize().with_context(|| format!("finding {}", component.display()))?;
     let path = component.clone();
     let handle = tokio::runtime::Handle::current();
-    let (mut rows, phases) = tokio::task::spawn_blocking(move || {
+    let (mut rows, phases, (reused_alternating, made_ahead)) = tokio::task::spawn_blocking(move || {
         let _guard = handle.enter();
-        anyhow::Ok((dispatch_rows(&path, events)?, phase_medians(&path, events)?))
+        anyhow::Ok((dispatch_rows(&path, events)?, phase_medians(&path, events)?, made_ahead_rows(&path, events)?))
     })
     .await??;
     rows.push(pipeline_row("pipeline, in-memory store", &component, Arc::new(MemoryStore::default()), events).await?);
@@ -228,6 +278,8 @@ pub async fn run(component: &Path, events: usize, out: &mut impl Write) -> anyho
     let reused = rows[1].p50.as_secs_f64();
     writeln!(out, "\nfresh instance, to answer / reused instance (p50): {:.2}x", rows[2].p50.as_secs_f64() / reused)?;
     writeln!(out, "fresh instance, full cost / reused (p50): {:.2}x", rows[3].p50.as_secs_f64() / reused)?;
+    writeln!(out, "fresh instance made ahead (as the service runs it), to answer / reused, alternating turns (p50): {:.2}x  [{} vs {}; made-ahead events/s incl. making: {:.0}]",
+        made_ahead.p50.as_secs_f64() / reused_alternating.p50.as_secs_f64(), fmt(made_ahead.p50), fmt(reused_alternating.p50), made_ahead.per_second)?;
     writeln!(out, "fresh instance without PAGEMAP_SCAN / reused (p50): {:.2}x", rows[4].p50.as_secs_f64() / reused)?;
     writeln!(out, "fresh instance, nothing kept resident / reused (p50): {:.2}x", rows[5].p50.as_secs_f64() / reused)?;
     Ok(())

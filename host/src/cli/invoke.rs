@@ -98,6 +98,8 @@ pub async fn run(invocation: Invocation, output: Output) -> anyhow::Result<()> {
 
     let engine = EngineConfig {
         instance_slots: 1,
+        // One attempt, nothing to make ahead for.
+        ready_instances: 0,
         max_memory_bytes: EngineConfig::default().max_memory_bytes.max(tenant.limits.memory_mib as usize * 1024 * 1024),
         consume_fuel: tenant.limits.fuel.is_some(),
         cache_dir: None,

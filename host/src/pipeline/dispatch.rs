@@ -57,7 +57,7 @@ impl Pipeline {
         let started = std::time::Instant::now();
         // One span per attempt, a child of the delivery's.
         let span = tracing::info_span!("attempt", messaging.attempt = attempt, handler.version = %component.short_version());
-        let Dispatched { result, instantiation } = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt)).instrument(span).await;
+        let Dispatched { result, instantiation, made_ahead } = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt)).instrument(span).await;
         let limit = match &result {
             AttemptResult::Trapped { limit, .. } => limit.map(|l| l.label()),
             _ => None,
@@ -65,6 +65,9 @@ impl Pipeline {
         self.metrics.attempt(&tenant.name, &handler.name, &component.label, result.label(), limit, started.elapsed());
         if let Some(instantiation) = instantiation {
             self.metrics.instantiation(&tenant.name, &handler.name, instantiation);
+        }
+        if made_ahead {
+            self.metrics.made_ahead(&tenant.name, &handler.name);
         }
         Attempt { result, component: Some(component), slot: Some(slot) }
     }

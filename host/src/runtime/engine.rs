@@ -23,6 +23,10 @@ pub struct EngineConfig {
     /// Component instances alive at once: the upper bound on events handled
     /// concurrently across all tenants.
     pub instance_slots: u32,
+    /// Instances made ahead of their attempts, in all (0: none; see
+    /// `runtime/ready.rs`). The pool has this many slots on top of
+    /// `instance_slots`.
+    pub ready_instances: u32,
     /// The largest linear memory any tenant may have (pool slots are uniform;
     /// each store's own limit is its tenant's).
     pub max_memory_bytes: usize,
@@ -59,6 +63,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             instance_slots: 128,
+            ready_instances: 8,
             max_memory_bytes: crate::manifest::DEFAULT_MEMORY_MIB as usize * 1024 * 1024,
             // A Rust guest's stack, data and first allocator pages.
             keep_resident_bytes: 2 * 1024 * 1024,
@@ -71,15 +76,17 @@ impl Default for EngineConfig {
 
 /// Builds the engine: component model, epoch interruption, pooling allocator.
 pub fn build_engine(config: &EngineConfig) -> anyhow::Result<Engine> {
+    // Attempts, plus the instances made ahead of them.
+    let instances = config.instance_slots + config.ready_instances;
     let mut pool = PoolingAllocationConfig::new();
-    pool.total_component_instances(config.instance_slots)
-        .total_core_instances(config.instance_slots * CORE_INSTANCES_PER_COMPONENT)
+    pool.total_component_instances(instances)
+        .total_core_instances(instances * CORE_INSTANCES_PER_COMPONENT)
         .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
-        .total_memories(config.instance_slots)
+        .total_memories(instances)
         // Attempts run as futures on fiber stacks: one per slot.
-        .total_stacks(config.instance_slots)
+        .total_stacks(instances)
         .max_memories_per_component(1)
-        .total_tables(config.instance_slots * TABLES_PER_COMPONENT)
+        .total_tables(instances * TABLES_PER_COMPONENT)
         .max_tables_per_component(TABLES_PER_COMPONENT)
         .max_memory_size(config.max_memory_bytes)
         .linear_memory_keep_resident(config.keep_resident_bytes)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
-use super::bindings::{Disposition, Event};
+use super::bindings::{Disposition, Event, Handler};
 use super::component::HandlerComponent;
 use super::engine::deadline_ticks;
 use super::host_state::{AttemptContext, AttemptState};
@@ -94,16 +94,26 @@ impl AttemptResult {
     }
 }
 
-/// Runs one attempt on a fresh store and instance. The store is returned
-/// with the result: dropping it returns the instance's memory to the pool
-/// (resetting the pages it touched), which callers do after passing the
-/// result on, so the answer does not wait for the clean-up.
-pub async fn run_attempt(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext, event: &Event) -> (AttemptResult, Store<AttemptState>) {
-    let (cpu_time, wall_time, fuel) = (ctx.cpu_time, ctx.wall_time, ctx.fuel);
+/// A store whose instance is made and has not been called: made ahead of
+/// its attempt (see [`super::ready`]), it serves exactly one attempt.
+pub struct Prepared {
+    store: Store<AttemptState>,
+    handler: Handler,
+}
+
+/// A store for `ctx`: its data, WASI context and limiter.
+fn new_store(engine: &Engine, ctx: AttemptContext) -> Store<AttemptState> {
     let mut store = Store::new(engine, AttemptState::new(ctx));
     store.limiter(|state| &mut state.limits);
-    // Each epoch tick the guest yields to the executor (so the wall-clock
-    // timer can fire and others run); past its CPU-time ticks it traps.
+    store
+}
+
+/// Arms the CPU-time and fuel limits of the store's context, counting from
+/// now: each epoch tick the guest yields to the executor (so the
+/// wall-clock timer can fire and others run); past its CPU-time ticks it
+/// traps. Tenants without a fuel limit get all there is.
+fn arm_limits(store: &mut Store<AttemptState>) {
+    let (cpu_time, fuel) = (store.data().ctx.cpu_time, store.data().ctx.fuel);
     let cpu_ticks = deadline_ticks(cpu_time);
     let mut ticks_used = 0;
     store.set_epoch_deadline(1);
@@ -111,14 +121,53 @@ pub async fn run_attempt(engine: &Engine, component: &HandlerComponent, ctx: Att
         ticks_used += 1;
         Ok(if ticks_used >= cpu_ticks { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
     });
-    // Fails (harmlessly) when the engine does not meter fuel. Tenants
-    // without a fuel limit get all there is: only their CPU time applies.
+    // Fails (harmlessly) when the engine does not meter fuel.
     let _ = store.set_fuel(fuel.unwrap_or(u64::MAX));
+}
+
+/// Makes an instance for `ctx` ahead of its attempt, held to the same
+/// limits while the guest's start-up code runs. `None` if that failed or
+/// took too long: the attempt then makes its own and reports why.
+pub(super) async fn prepare(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext) -> Option<Prepared> {
+    let wall_time = ctx.wall_time;
+    let mut store = new_store(engine, ctx);
+    arm_limits(&mut store);
+    let made = tokio::time::timeout(wall_time, component.pre.instantiate_async(&mut store)).await;
+    match made {
+        Ok(Ok(handler)) if store.data().limits.hit.is_none() => Some(Prepared { store, handler }),
+        _ => None,
+    }
+}
+
+/// Runs one attempt on a fresh instance: `ready`, made ahead for this
+/// handler version and these limits, or one made here. The store is
+/// returned with the result: dropping it returns the instance's memory to
+/// the pool (resetting the pages it touched), which callers do after
+/// passing the result on, so the answer does not wait for the clean-up.
+pub async fn run_attempt(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext, event: &Event, ready: Option<Prepared>) -> (AttemptResult, Store<AttemptState>) {
+    let (cpu_time, wall_time) = (ctx.cpu_time, ctx.wall_time);
+    let (mut store, made) = match ready {
+        Some(Prepared { mut store, handler }) => {
+            // The per-event fields (event id, version label, store handle);
+            // the limits and WASI context the store was built with are the
+            // same (`ready::Fit`).
+            store.data_mut().ctx = ctx;
+            (store, Some(handler))
+        }
+        None => (new_store(engine, ctx), None),
+    };
+    arm_limits(&mut store);
 
     let attempt = async {
-        let instantiating = std::time::Instant::now();
-        let handler = component.pre.instantiate_async(&mut store).await.map_err(Failure::Instantiate)?;
-        store.data_mut().instantiated_in = Some(instantiating.elapsed());
+        let handler = match made {
+            Some(handler) => handler,
+            None => {
+                let instantiating = std::time::Instant::now();
+                let handler = component.pre.instantiate_async(&mut store).await.map_err(Failure::Instantiate)?;
+                store.data_mut().instantiated_in = Some(instantiating.elapsed());
+                handler
+            }
+        };
         handler.call_handle(&mut store, event).await.map_err(Failure::Call)
     };
     let result = match tokio::time::timeout(wall_time, attempt).await {

@@ -5,6 +5,7 @@
 //! - [`component`]: loading and checking a handler version;
 //! - [`host_state`]: the per-attempt store data and the guest's imports;
 //! - [`invoke`]: one attempt, from fresh instance to verdict;
+//! - [`ready`]: instances made ahead of their attempts (each still serves one);
 //! - [`limits`]: the limiter that records which limit stopped a guest;
 //! - [`cache`]: compiled components on disk.
 
@@ -15,6 +16,7 @@ mod engine;
 mod host_state;
 pub(crate) mod invoke;
 mod limits;
+mod ready;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -37,6 +39,10 @@ pub use invoke::ReusedInstance;
 pub struct SpentStore(#[allow(dead_code)] wasmtime::Store<host_state::AttemptState>);
 pub use limits::LimitHit;
 
+/// An instance made ahead of its attempt (benchmarks).
+#[cfg(feature = "bench")]
+pub struct MadeAhead(invoke::Prepared);
+
 use host_state::AttemptState;
 
 /// The engine, the linker with the host's imports, and the epoch ticker.
@@ -50,6 +56,8 @@ pub struct Runtime {
     slot_count: usize,
     linker: Arc<Linker<AttemptState>>,
     cache: Option<cache::CompileCache>,
+    /// Instances made ahead for the handlers that ran last.
+    ready: Arc<ready::ReadyInstances>,
     _ticker: Arc<engine::EpochTicker>,
 }
 
@@ -61,6 +69,8 @@ pub struct Dispatched {
     pub result: AttemptResult,
     /// Instantiation time, for the metrics.
     pub instantiation: Option<std::time::Duration>,
+    /// The instance was made ahead of the attempt (`instantiation` is then `None`).
+    pub made_ahead: bool,
 }
 
 impl Runtime {
@@ -76,7 +86,8 @@ impl Runtime {
         let slots = Arc::new(tokio::sync::Semaphore::new(config.instance_slots as usize));
         let cache = config.cache_dir.as_deref().map(|dir| cache::CompileCache::new(dir, &engine));
         let slot_count = config.instance_slots as usize;
-        Ok(Self { engine, slots, slot_count, linker: Arc::new(linker), cache, _ticker: Arc::new(ticker) })
+        let ready = Arc::new(ready::ReadyInstances::new(config.ready_instances as usize));
+        Ok(Self { engine, slots, slot_count, linker: Arc::new(linker), cache, ready, _ticker: Arc::new(ticker) })
     }
 
     /// Loads and checks a component file (compiles it: call off the event path).
@@ -96,36 +107,48 @@ impl Runtime {
         self.cache.as_ref().map_or(0, |cache| cache.prune(keep))
     }
 
-    /// Runs one attempt on a fresh instance, once an instance slot is free.
+    /// Runs one attempt on a fresh instance, once an instance slot is free:
+    /// one made ahead for this handler version if there is one (see
+    /// [`ready`]), else one made now. Then the handler's next instances are
+    /// made in the background.
     ///
     /// The attempt runs on a blocking thread (guest code computes; it must
     /// not hold one of the async workers), driven as a future there so that
     /// WASI calls are async and the wall-clock limit can cut it off.
     pub async fn dispatch(&self, component: Arc<HandlerComponent>, ctx: AttemptContext, event: Event) -> Dispatched {
         let Ok(slot) = self.slots.clone().acquire_owned().await else {
-            return Dispatched { result: AttemptResult::Infrastructure("instance pool closed".into()), instantiation: None };
+            return Dispatched { result: AttemptResult::Infrastructure("instance pool closed".into()), instantiation: None, made_ahead: false };
         };
+        let prepared = self.ready.take(&component, &ctx);
+        let made_ahead = prepared.is_some();
+        let next = (component.clone(), ctx.clone());
         let engine = self.engine.clone();
         let runtime = tokio::runtime::Handle::current();
         let (answer, answered) = tokio::sync::oneshot::channel();
         let attempt = tokio::task::spawn_blocking(move || {
-            let (result, store) = runtime.block_on(invoke::run_attempt(&engine, &component, ctx, &event));
+            let (result, store) = runtime.block_on(invoke::run_attempt(&engine, &component, ctx, &event, prepared));
             // Answer first; then return the instance to the pool (and only
             // then free its slot).
-            let _ = answer.send(Dispatched { result, instantiation: store.data().instantiated_in });
+            let _ = answer.send(Dispatched { result, instantiation: store.data().instantiated_in, made_ahead });
             drop(store);
             drop(slot);
         });
-        match answered.await {
+        let dispatched = match answered.await {
             Ok(dispatched) => dispatched,
             Err(_) => {
                 let reason = match attempt.await {
                     Err(error) => format!("attempt thread failed: {error}"),
                     Ok(()) => "attempt ended without a result".into(),
                 };
-                Dispatched { result: AttemptResult::Infrastructure(reason), instantiation: None }
+                Dispatched { result: AttemptResult::Infrastructure(reason), instantiation: None, made_ahead }
             }
+        };
+        // Not after a trap or a host failure: a guest whose start-up loops or
+        // traps must not get more CPU time in the background than its attempts.
+        if !matches!(dispatched.result, AttemptResult::Trapped { .. } | AttemptResult::Infrastructure(_)) {
+            self.ready.refill(&self.engine, &next.0, &next.1);
         }
+        dispatched
     }
 
     /// Runs one attempt on the calling task, with no slot gate (benchmarks,
@@ -133,7 +156,21 @@ impl Runtime {
     /// the store whose drop returns the instance to the pool.
     #[cfg(feature = "bench")]
     pub async fn attempt_inline(&self, component: &HandlerComponent, ctx: AttemptContext, event: &Event) -> (AttemptResult, SpentStore) {
-        let (result, store) = invoke::run_attempt(&self.engine, component, ctx, event).await;
+        let (result, store) = invoke::run_attempt(&self.engine, component, ctx, event, None).await;
+        (result, SpentStore(store))
+    }
+
+    /// An instance made ahead, as the service makes them (benchmarks).
+    #[cfg(feature = "bench")]
+    pub async fn make_ahead(&self, component: &HandlerComponent, ctx: AttemptContext) -> Option<MadeAhead> {
+        invoke::prepare(&self.engine, component, ctx).await.map(MadeAhead)
+    }
+
+    /// Runs one attempt on the calling task on an instance made ahead
+    /// (benchmarks): the result, and the store to drop.
+    #[cfg(feature = "bench")]
+    pub async fn attempt_made_ahead(&self, component: &HandlerComponent, ctx: AttemptContext, event: &Event, made: MadeAhead) -> (AttemptResult, SpentStore) {
+        let (result, store) = invoke::run_attempt(&self.engine, component, ctx, event, Some(made.0)).await;
         (result, SpentStore(store))
     }
 
@@ -152,6 +189,11 @@ impl Runtime {
     /// (instance slots running an attempt now, instance slots in all).
     pub fn instances_in_use(&self) -> (usize, usize) {
         (self.slot_count - self.slots.available_permits(), self.slot_count)
+    }
+
+    /// Instances made ahead and waiting for their attempt.
+    pub fn instances_ready(&self) -> usize {
+        self.ready.count()
     }
 
     /// The shared engine.

@@ -41,6 +41,7 @@ async fn scrape(State(state): State<MetricsState>) -> impl IntoResponse {
     let (in_use, slots) = state.runtime.instances_in_use();
     occupancy.instances_in_use.set(in_use as i64);
     occupancy.instance_slots.set(slots as i64);
+    occupancy.instances_ready.set(state.runtime.instances_ready() as i64);
     occupancy.deliveries_in_flight.set(state.health.door.in_flight() as i64);
     let (messages, bytes) = state.health.queue.as_ref().map_or((0, 0), |(queue, _, _)| queue.index().depth());
     occupancy.queue_messages.set(messages as i64);
