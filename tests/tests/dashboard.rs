@@ -39,6 +39,7 @@ fn exported() -> Exported {
     metrics.delivery(&tenant, &handler, &version, "processed", Duration::from_millis(2));
     metrics.attempt(&tenant, &handler, &version, "trap", Some("cpu_time"), Duration::from_millis(1));
     metrics.instantiation(&tenant, &handler, Duration::from_micros(40));
+    metrics.made_ahead(&tenant, &handler);
     metrics.deploy("acme", "orders", "deploy");
     metrics.store_error("commit");
     let text = metrics.encode();
