@@ -11,9 +11,35 @@ use std::time::{Duration, Instant};
 /// after which a test fails with the process's log rather than hanging.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A free TCP port on 127.0.0.1 (bound, then released for the child).
+/// Ports handed out come from here: below Linux's ephemeral range
+/// (32768-60999 by default), which the kernel gives to outgoing connections
+/// and to `bind(0)`. A port taken from that range (as `bind(0)` would give)
+/// can be taken again by any client socket before the child binds it, which
+/// made a host or daprd fail to start with "address already in use" now and
+/// then on a busy machine.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free TCP port on 127.0.0.1 for a child to listen on: never one this
+/// process handed out before (until the range wraps), outside the ports the
+/// kernel picks for clients, and bindable now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Each test process starts at its own place in the range, so two run
+    // side by side do not walk the same ports.
+    static NEXT: std::sync::OnceLock<AtomicU32> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| AtomicU32::new(std::process::id().wrapping_mul(7919)));
+    let span = u32::from(PORTS.end - PORTS.start);
+    for _ in 0..span {
+        let port = PORTS.start + (next.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        // Free on loopback and on all interfaces (daprd listens on both),
+        // each listener closed before the next bind.
+        let loopback = TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let any = loopback && TcpListener::bind(("0.0.0.0", port)).is_ok();
+        if any {
+            return port;
+        }
+    }
+    panic!("no free port in {PORTS:?}");
 }
 
 /// The repository's root.
