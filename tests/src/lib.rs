@@ -130,6 +130,17 @@ impl TestHost {
         value.map(|v| String::from_utf8(v).expect("utf-8 state"))
     }
 
+    /// Waits until the host has a fresh instance made ahead of its next
+    /// attempt (the background making is not timed: a busy machine just
+    /// takes longer).
+    pub async fn wait_for_an_instance_made_ahead(&self) {
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        while self.host.instances_ready() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "no instance was made ahead");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits until `key` has a committed value (effects of relayed messages
     /// land a little after the delivery that caused them).
     pub async fn wait_for_state(&self, key: &str) -> String {

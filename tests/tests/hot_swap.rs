@@ -232,11 +232,7 @@ async fn after_a_deploy_no_instance_made_ahead_of_the_old_version_runs() {
     assert_eq!(host.state("seen:before").await.as_deref(), Some("0 0"));
     // Instances of the probe are made ahead; then echo (which writes no
     // state) replaces it.
-    let deadline = tokio::time::Instant::now() + wasmsub_tests::SETTLE_TIMEOUT;
-    while host.host.instances_ready() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no instance was made ahead");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    host.wait_for_an_instance_made_ahead().await;
     host.host.deployer().deploy("acme", "probe", Path::new("echo"), std::fs::read(guests::ECHO).unwrap()).await.unwrap();
     for i in 0..3 {
         let id = format!("after-{i}");

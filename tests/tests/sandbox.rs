@@ -319,16 +319,6 @@ async fn guest_text_is_escaped_before_it_reaches_logs_and_dead_letters() {
     assert!(!text.lines().any(|l| l.contains("messaging.message.id=evil") && !l.contains("evil\\nid")), "an event id was logged raw");
 }
 
-/// Waits until the host has an instance made ahead (the background making
-/// is not timed: a busy machine just takes longer).
-async fn wait_for_an_instance_made_ahead(host: &TestHost) {
-    let deadline = tokio::time::Instant::now() + wasmsub_tests::SETTLE_TIMEOUT;
-    while host.host.instances_ready() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no instance was made ahead");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_made_ahead_still_serves_one_event_and_sees_nothing_of_another() {
     let mut host = TestHost::start(&manifest_text("", &[HandlerSpec::new("probe", guests::MEMORY_PROBE, "probe")])).await.unwrap();
@@ -336,7 +326,7 @@ async fn an_instance_made_ahead_still_serves_one_event_and_sees_nothing_of_anoth
     for i in 0..EVENTS {
         if i > 0 {
             // From the second event on, each runs on an instance made ahead.
-            wait_for_an_instance_made_ahead(&host).await;
+            host.wait_for_an_instance_made_ahead().await;
         }
         host.publish("probe", &cloud_event(&format!("p-{i}"), json!({}))).await.unwrap();
         assert_eq!(host.next_settled().await.outcome, Outcome::Processed { attempts: 1 });
