@@ -113,8 +113,13 @@ async fn the_embedded_store_keeps_the_contract_and_survives_reopening() {
         // The commit's publishes went onto the queue, in commit order.
         let queued: Vec<String> = store.take(10, 0).await.unwrap().into_iter().map(|t| t.message.topic).collect();
         assert_eq!(queued, vec!["a", "b"]);
+        // A claim the process holds when it stops (a crash mid-event)...
+        acquired(store.claim(&key("mid-event"), Duration::from_secs(3600)).await.unwrap());
     }
     let reopened = EmbeddedStore::open(&path).unwrap();
+    // ...does not hold the event's redelivery for its lease: the file is one
+    // process's alone, so no run of it can still be going.
+    acquired(reopened.claim(&key("mid-event"), Duration::from_secs(1)).await.unwrap());
     assert_eq!(reopened.get_state("acme", "k").await.unwrap(), Some(b"stale".to_vec()));
     assert_eq!(reopened.claim(&key("e1"), Duration::from_secs(1)).await.unwrap(), Claim::AlreadyDone(DoneKind::Processed));
     // Queued messages that were never settled survive the restart.

@@ -7,6 +7,9 @@
 //!   nothing sits between "committed" and "queued".
 //! - Every change goes through one writer thread that commits what is
 //!   waiting together, with one fsync (`writer.rs`).
+//! - Claims in progress live in memory (`leases.rs`): the file is this
+//!   process's alone, and a claim never has to outlive it. Only the done
+//!   record, written in the event's commit, is on disk.
 //! - A write that fails (a full disk) closes the file and has it reopened
 //!   with backoff (`handle.rs`); meanwhile events are deferred and publishes
 //!   refused, and nothing restarts.
@@ -16,6 +19,7 @@
 
 pub(crate) mod codec;
 mod handle;
+mod leases;
 mod writer;
 
 use std::path::Path;
@@ -28,15 +32,16 @@ use bytes::Bytes;
 use redb::{ReadableDatabase, ReadableTable};
 use serde_json::Value;
 
-use super::claim::{Claim, ClaimToken, Record};
+use super::claim::{self, Claim, ClaimToken, Record};
 use super::{
     Commit, DedupeKey, DeliveryStore, MessageId, MessageQueue, OutboundMessage, OutboxId, QueueError, QueueLimits, QueuedMessage, Settle,
     SharedIndex, StateRead, StateUsage, StoreError, Taken,
 };
 use crate::clock::{self, SharedClock};
 use crate::cloudevent::CLOUDEVENTS_JSON;
-use codec::{DEAD_LETTERS, LEGACY_OUTBOX, QUEUE, RECORDS, STATE, decode_message, decode_origin_and_size};
+use codec::{CLAIMS, DEAD_LETTERS, LEGACY_OUTBOX, QUEUE, RECORDS, STATE, decode_message, decode_origin_and_size};
 use handle::DbHandle;
+use leases::{Leases, Taking};
 use writer::{Applied, FinishOp, Op, SharedUsage, Writer};
 
 /// How the embedded store is opened.
@@ -64,6 +69,7 @@ pub struct EmbeddedStore {
     writer: Writer,
     index: SharedIndex,
     usage: SharedUsage,
+    leases: Arc<Leases>,
     limits: QueueLimits,
     clock: SharedClock,
 }
@@ -88,9 +94,10 @@ impl EmbeddedStore {
         }
         let (usage, newest_version) = load_usage(&handle).with_context(|| format!("counting tenant state in {}", path.display()))?;
         let usage = SharedUsage::new(usage.into());
-        let writer = Writer::start(handle.clone(), index.clone(), usage.clone(), next_id, newest_version)
+        let leases = Arc::new(Leases::default());
+        let writer = Writer::start(handle.clone(), index.clone(), usage.clone(), leases.clone(), next_id, newest_version)
             .context("starting the embedded store's writer thread")?;
-        Ok(Self { handle, writer, index, usage, limits: options.queue_limits, clock: options.clock })
+        Ok(Self { handle, writer, index, usage, leases, limits: options.queue_limits, clock: options.clock })
     }
 
     /// Why the store cannot be used now (reopening after an I/O error), if
@@ -103,6 +110,13 @@ impl EmbeddedStore {
         let db = self.handle.get()?;
         let txn = db.begin_read().map_err(|e| read_failed(what, &self.handle, e.into()))?;
         work(&txn).map_err(|e| read_failed(what, &self.handle, e))
+    }
+
+    /// The record on disk for an encoded dedupe key: a done record, or a
+    /// claim an earlier process left when it stopped mid-event.
+    fn stored_record(&self, key: &str) -> Result<Option<Record>, StoreError> {
+        let bytes = self.read("reading a claim record", |txn| Ok(txn.open_table(CLAIMS)?.get(key)?.map(|row| row.value().to_vec())))?;
+        bytes.as_deref().map(claim::decode).transpose()
     }
 }
 
@@ -189,16 +203,42 @@ fn unexpected(applied: Applied) -> StoreError {
 
 #[async_trait]
 impl DeliveryStore for EmbeddedStore {
+    /// Takes the lease in memory first (a copy of an event in progress
+    /// goes no further), then asks the disk whether the event is done. A
+    /// commit removes its lease only once its done record is on disk, so a
+    /// lease taken after that always finds the record.
     async fn claim(&self, key: &DedupeKey, lease: Duration) -> Result<Claim, StoreError> {
-        let op = Op::Claim { key: key.encoded(), now_ms: self.clock.now_ms(), lease };
-        match self.writer.apply(op).await? {
-            Applied::Claimed(claim) => Ok(claim),
-            other => Err(unexpected(other)),
+        if self.handle.trouble().is_some() {
+            // Claims do not pass through the writer, which is what reopens
+            // a failed file: ask it to try (its backoff decides).
+            let _ = self.writer.apply(Op::Probe).await;
+        }
+        let key = key.encoded();
+        let now_ms = self.clock.now_ms();
+        let token = match self.leases.take(&key, now_ms, lease) {
+            Taking::Held { lease_until_ms } => return Ok(Claim::HeldElsewhere { lease_until_ms }),
+            Taking::Taken(token) => token,
+        };
+        match self.stored_record(&key) {
+            Ok(Some(Record::Done { kind, expires_ms })) if expires_ms > now_ms => {
+                self.leases.release(&token);
+                Ok(Claim::AlreadyDone(kind))
+            }
+            // A claim on disk was left by an earlier process that stopped
+            // mid-event (this store wrote them before claims moved to
+            // memory): nothing of it was committed, take it over.
+            Ok(Some(Record::InFlight { .. })) => Ok(Claim::Acquired(ClaimToken { took_over: true, ..token })),
+            Ok(_) => Ok(Claim::Acquired(token)),
+            Err(error) => {
+                self.leases.release(&token);
+                Err(error)
+            }
         }
     }
 
     async fn release(&self, claim: &ClaimToken) -> Result<(), StoreError> {
-        self.writer.apply(Op::Release { claim: claim.clone() }).await.map(drop)
+        self.leases.release(claim);
+        Ok(())
     }
 
     /// Commits, and puts the commit's publishes on the queue in the same
@@ -270,8 +310,10 @@ impl DeliveryStore for EmbeddedStore {
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {
-        match self.writer.apply(Op::Purge { now_ms: self.clock.now_ms() }).await? {
-            Applied::Purged(count) => Ok(count),
+        let now_ms = self.clock.now_ms();
+        let forgotten = self.leases.forget_expired(now_ms);
+        match self.writer.apply(Op::Purge { now_ms }).await? {
+            Applied::Purged(count) => Ok(count + forgotten),
             other => Err(unexpected(other)),
         }
     }

@@ -4,10 +4,11 @@
 //! need an fsync; with many of them waiting, they share one.
 //!
 //! A batch is fsynced (`Durability::Immediate`) when it holds anything that
-//! must survive a crash: an accepted message, a commit, a purge. Claims,
-//! releases and acknowledgements alone are not: a lost claim means the
-//! event runs again (nothing of it was committed), a lost acknowledgement
-//! means a done event is delivered again and skipped as a duplicate.
+//! must survive a crash: an accepted message, a commit, a purge.
+//! Acknowledgements alone are not: a lost acknowledgement means a done event
+//! is delivered again and skipped as a duplicate. Claims in progress never
+//! come here: they live in memory (`leases.rs`); a commit seals its lease
+//! while its transaction is written.
 //!
 //! An operation that fails its own check (a claim that was lost) fails
 //! alone; a storage failure fails the whole batch, closes the database and
@@ -15,15 +16,15 @@
 
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::Duration;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table};
 use tokio::sync::oneshot;
 
 use super::codec::{self, CLAIMS, DEAD_LETTERS, QUEUE, STATE, decode_origin_and_size, encode_message};
 use super::handle::{Availability, DbHandle};
+use super::leases::Leases;
 use crate::pipeline::StateWrite;
-use crate::store::claim::{self, Claim, ClaimToken, Record};
+use crate::store::claim::{self, ClaimToken, Record};
 use crate::store::{MessageId, QueuedMessage, ReadVersion, Settle, SharedIndex, StateUsage, StoreError};
 
 /// Operations applied in one transaction at most; more wait for the next.
@@ -35,10 +36,6 @@ pub const DEAD_LETTERS_KEPT: u64 = 1000;
 
 /// A change to make.
 pub enum Op {
-    /// Claims an encoded dedupe key.
-    Claim { key: String, now_ms: u64, lease: Duration },
-    /// Gives a claim up.
-    Release { claim: ClaimToken },
     /// Commits a finished event.
     Finish(Box<FinishOp>),
     /// Accepts messages onto the queue.
@@ -47,6 +44,8 @@ pub enum Op {
     Ack { id: MessageId },
     /// Removes expired claims and done markers.
     Purge { now_ms: u64 },
+    /// Nothing: has a closed database reopened, if its backoff allows.
+    Probe,
 }
 
 /// What a finished event commits.
@@ -72,7 +71,6 @@ impl Op {
 /// What an operation came to.
 #[derive(Debug)]
 pub enum Applied {
-    Claimed(Claim),
     Done,
     Purged(usize),
 }
@@ -91,11 +89,11 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer thread for `handle`; committed queue changes are
     /// told to `index`. `next_id` is the first free message id.
-    pub fn start(handle: Arc<DbHandle>, index: SharedIndex, usage: SharedUsage, next_id: MessageId, state_version: u64) -> std::io::Result<Self> {
+    pub fn start(handle: Arc<DbHandle>, index: SharedIndex, usage: SharedUsage, leases: Arc<Leases>, next_id: MessageId, state_version: u64) -> std::io::Result<Self> {
         let (requests, incoming) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("wasmsub-store-writer".into())
-            .spawn(move || WriterThread { handle, index, usage, next_id, state_version }.run(incoming))?;
+            .spawn(move || WriterThread { handle, index, usage, leases, next_id, state_version }.run(incoming))?;
         Ok(Self { requests: Some(requests), thread: Some(thread) })
     }
 
@@ -119,29 +117,11 @@ impl Drop for Writer {
     }
 }
 
-/// A claim record: the outer error is storage, the inner a record that does
-/// not decode (the operation fails; nothing is guessed).
-fn load(claims: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<Result<Option<Record>, StoreError>, redb::Error> {
-    Ok(match claims.get(key)? {
-        Some(bytes) => claim::decode(bytes.value()).map(Some),
-        None => Ok(None),
-    })
-}
-
-/// Unwraps a loaded record, or makes the operation fail with its error.
-macro_rules! record_or_fail {
-    ($loaded:expr) => {
-        match $loaded {
-            Ok(record) => record,
-            Err(error) => return Ok(Err(error)),
-        }
-    };
-}
-
 struct WriterThread {
     handle: Arc<DbHandle>,
     index: SharedIndex,
     usage: SharedUsage,
+    leases: Arc<Leases>,
     next_id: MessageId,
     /// The newest state version written; each commit takes the next.
     state_version: u64,
@@ -190,9 +170,16 @@ impl WriterThread {
         };
         let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
         let durable = ops.iter().any(Op::must_survive_a_crash);
+        let finishing: Vec<(usize, ClaimToken)> =
+            ops.iter().enumerate().filter_map(|(at, op)| if let Op::Finish(finish) = op { Some((at, finish.claim.clone())) } else { None }).collect();
         match self.commit(&db, ops, durable) {
             Ok((results, changes)) => {
                 drop(db);
+                // On disk now: a committed event's done record answers its
+                // copies, so its lease goes; a refused one's is live again.
+                for (at, claim) in &finishing {
+                    self.leases.unseal(claim, results[*at].is_ok());
+                }
                 if durable {
                     // Only an fsynced commit proves the disk takes writes again.
                     self.handle.succeeded();
@@ -220,6 +207,9 @@ impl WriterThread {
             }
             Err(error) => {
                 drop(db);
+                for (_, claim) in &finishing {
+                    self.leases.unseal(claim, false);
+                }
                 let why = format!("{error}");
                 self.handle.fail(why.clone());
                 for reply in replies {
@@ -253,22 +243,8 @@ impl WriterThread {
 
     fn apply(&mut self, tables: &mut Tables<'_>, op: Op, changes: &mut QueueChanges) -> Result<Result<Applied, StoreError>, redb::Error> {
         Ok(match op {
-            Op::Claim { key, now_ms, lease } => {
-                let existing = record_or_fail!(load(&tables.claims, &key)?);
-                let (answer, record) = claim::decide_claim(&key, existing.as_ref(), now_ms, lease, claim::new_token());
-                if let Some(record) = record {
-                    tables.claims.insert(key.as_str(), claim::encode(&record).as_slice())?;
-                }
-                Ok(Applied::Claimed(answer))
-            }
-            Op::Release { claim } => {
-                if claim::owns(record_or_fail!(load(&tables.claims, &claim.key)?).as_ref(), &claim) {
-                    tables.claims.remove(claim.key.as_str())?;
-                }
-                Ok(Applied::Done)
-            }
             Op::Finish(finish) => {
-                if let Err(lost) = claim::check_owner(record_or_fail!(load(&tables.claims, &finish.claim.key)?).as_ref(), &finish.claim) {
+                if let Err(lost) = self.leases.seal(&finish.claim) {
                     return Ok(Err(lost));
                 }
                 for (key, seen) in &finish.reads {
@@ -297,6 +273,7 @@ impl WriterThread {
                 self.enqueue(&mut tables.queue, &messages, changes)?;
                 Ok(Applied::Done)
             }
+            Op::Probe => Ok(Applied::Done),
             Op::Ack { id } => {
                 tables.queue.remove(id)?;
                 changes.acked.push(id);
