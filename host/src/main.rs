@@ -13,6 +13,12 @@ use wasmsub::runtime::EngineConfig;
 use wasmsub::store::QueueLimits;
 use wasmsub::{Backend, HostOptions, Manifest};
 
+/// mimalloc, not glibc malloc: with many threads making and dropping
+/// instances, glibc's arenas contend and consolidate (see the workspace
+/// Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Run sandboxed WebAssembly event handlers next to a Dapr sidecar.
 ///
 /// Handlers are WebAssembly components (the `wasmsub:handler` WIT world).

@@ -15,6 +15,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc, not glibc malloc: with many threads making and dropping
+/// instances, glibc's arenas contend and consolidate (see the workspace
+/// Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Measure what wasmsub's host costs per event, per tenant and per swap.
 #[derive(Parser)]
 #[command(after_help = "Build the guests first: scripts/build-guests.sh (or scripts/demo.sh).")]
