@@ -33,9 +33,10 @@ use super::api::{Api, Read};
 use super::coalesce::{Coalescer, Dropped};
 use super::{Operation, SidecarError, StateItem};
 
-/// Batches in flight at once per kind. Two: a lone call never waits behind
-/// a slow batch of its kind, and under load the queue still gathers whole
-/// bulk deliveries' worth of calls per request.
+/// Batches in flight at once per kind. One: while a batch is out, the next
+/// gathers every call that arrives meanwhile, so under load a request
+/// carries whole bulk deliveries' worth of calls; a lone call goes out at
+/// once when no batch of its kind is out.
 const LANES: usize = 1;
 /// Calls per merged request: bounds a request's size (a done record carries
 /// the event's outbox) and a store's transaction size.
@@ -64,16 +65,7 @@ struct PublishCall {
 
 type Done = Result<(), SidecarError>;
 
-/// Transactions are merged like the other kinds. (They were sent one per
-/// call while `restarting_daprd_with_events_in_flight_loses_none` lost
-/// writes with them merged; the cause was in the commit locks, not here: a
-/// lock takeover whose merged save was refused and whose re-send then
-/// failed against its own landed write was taken for a plain insert, and
-/// its roll-forward skipped. See `key_locks::lock_key`.)
-const MERGE_TRANSACTIONS: bool = true;
-
 pub(super) struct Batches {
-    api: Api,
     gets: Coalescer<GetCall, Result<Vec<Read>, SidecarError>>,
     saves: Coalescer<SaveCall, Done>,
     transactions: Coalescer<TransactionCall, Done>,
@@ -82,13 +74,12 @@ pub(super) struct Batches {
 
 impl Batches {
     pub(super) fn new(api: Api) -> Self {
-        let (a, b, c, d) = (api.clone(), api.clone(), api.clone(), api.clone());
+        let (a, b, c, d) = (api.clone(), api.clone(), api.clone(), api);
         Self {
             gets: Coalescer::new("gets", LANES, MAX_CALLS, move |calls| run_gets(a.clone(), calls)),
-            saves: Coalescer::new("saves", LANES, MAX_CALLS, move |calls| run_saves(b.clone(), calls)),
-            transactions: Coalescer::new("transactions", LANES, MAX_CALLS, move |calls| run_transactions(c.clone(), calls)),
+            saves: Coalescer::new("saves", LANES, MAX_CALLS, move |calls| run_writes(b.clone(), calls)),
+            transactions: Coalescer::new("transactions", LANES, MAX_CALLS, move |calls| run_writes(c.clone(), calls)),
             publishes: Coalescer::new("publishes", LANES, MAX_CALLS, move |calls| run_publishes(d.clone(), calls)),
-            api,
         }
     }
 
@@ -106,10 +97,11 @@ impl Batches {
         }
     }
 
+    /// Merged like the other kinds. (They were sent one per call for a
+    /// while, when `restarting_daprd_with_events_in_flight_loses_none` lost
+    /// writes with them merged; the cause was in the commit locks, not here:
+    /// see `key_locks::lock_key`.)
     pub(super) async fn transaction(&self, store: &str, operations: Vec<Operation>) -> Done {
-        if !MERGE_TRANSACTIONS {
-            return self.api.transaction(store, &operations).await;
-        }
         match self.transactions.call(TransactionCall { store: store.to_owned(), operations }).await {
             Ok(answer) => answer,
             Err(Dropped) => Err(SidecarError::Interrupted { what: "state transaction" }),
@@ -191,22 +183,48 @@ async fn run_gets(api: Api, calls: Vec<GetCall>) -> Vec<Result<Vec<Read>, Sideca
     complete(out)
 }
 
-async fn run_saves(api: Api, calls: Vec<SaveCall>) -> Vec<Done> {
-    let mut out = answers(calls.len());
-    for group in groups(&calls, |c| c.store.clone()) {
-        let merged: Vec<StateItem> = group.iter().flat_map(|&i| calls[i].items.iter().cloned()).collect();
-        let first = api.save(&calls[group[0]].store, &merged).await;
-        merged_or_each(&group, first, &mut out, |i| api.save(&calls[i].store, &calls[i].items)).await;
-    }
-    complete(out)
+/// A write whose calls merge by concatenating their items: saves (state
+/// items) and transactions (operations).
+trait MergedWrite: Send + 'static {
+    type Item: Clone + Send + Sync;
+    fn store(&self) -> &str;
+    fn items(&self) -> &[Self::Item];
+    fn send(api: &Api, store: &str, items: &[Self::Item]) -> impl Future<Output = Done> + Send;
 }
 
-async fn run_transactions(api: Api, calls: Vec<TransactionCall>) -> Vec<Done> {
+impl MergedWrite for SaveCall {
+    type Item = StateItem;
+    fn store(&self) -> &str {
+        &self.store
+    }
+    fn items(&self) -> &[StateItem] {
+        &self.items
+    }
+    fn send(api: &Api, store: &str, items: &[StateItem]) -> impl Future<Output = Done> + Send {
+        api.save(store, items)
+    }
+}
+
+impl MergedWrite for TransactionCall {
+    type Item = Operation;
+    fn store(&self) -> &str {
+        &self.store
+    }
+    fn items(&self) -> &[Operation] {
+        &self.operations
+    }
+    fn send(api: &Api, store: &str, items: &[Operation]) -> impl Future<Output = Done> + Send {
+        api.transaction(store, items)
+    }
+}
+
+/// One merged request per store; refused, its calls go again alone.
+async fn run_writes<C: MergedWrite>(api: Api, calls: Vec<C>) -> Vec<Done> {
     let mut out = answers(calls.len());
-    for group in groups(&calls, |c| c.store.clone()) {
-        let merged: Vec<Operation> = group.iter().flat_map(|&i| calls[i].operations.iter().cloned()).collect();
-        let first = api.transaction(&calls[group[0]].store, &merged).await;
-        merged_or_each(&group, first, &mut out, |i| api.transaction(&calls[i].store, &calls[i].operations)).await;
+    for group in groups(&calls, |c| c.store().to_owned()) {
+        let merged: Vec<C::Item> = group.iter().flat_map(|&i| calls[i].items().iter().cloned()).collect();
+        let first = C::send(&api, calls[group[0]].store(), &merged).await;
+        merged_or_each(&group, first, &mut out, |i| C::send(&api, calls[i].store(), calls[i].items())).await;
     }
     complete(out)
 }
