@@ -2,6 +2,8 @@
 //! and a verdict that keeps the failure classes apart (guest answer, guest
 //! trap or limit, host infrastructure).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
@@ -111,13 +113,18 @@ fn new_store(engine: &Engine, ctx: AttemptContext) -> Store<AttemptState> {
 /// Arms the CPU-time and fuel limits of the store's context, counting from
 /// now: each epoch tick the guest yields to the executor (so the
 /// wall-clock timer can fire and others run); past its CPU-time ticks it
-/// traps. Tenants without a fuel limit get all there is.
-fn arm_limits(store: &mut Store<AttemptState>) {
+/// traps. Tenants without a fuel limit get all there is. `used_a_slice` is
+/// set at the first tick: the guest computes for long (see
+/// `Runtime::dispatch`).
+fn arm_limits(store: &mut Store<AttemptState>, used_a_slice: Option<Arc<AtomicBool>>) {
     let (cpu_time, fuel) = (store.data().ctx.cpu_time, store.data().ctx.fuel);
     let cpu_ticks = deadline_ticks(cpu_time);
     let mut ticks_used = 0;
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
+        if let Some(flag) = &used_a_slice {
+            flag.store(true, Ordering::Relaxed);
+        }
         ticks_used += 1;
         Ok(if ticks_used >= cpu_ticks { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
     });
@@ -131,7 +138,7 @@ fn arm_limits(store: &mut Store<AttemptState>) {
 pub(super) async fn prepare(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext) -> Option<Prepared> {
     let wall_time = ctx.wall_time;
     let mut store = new_store(engine, ctx);
-    arm_limits(&mut store);
+    arm_limits(&mut store, None);
     let made = tokio::time::timeout(wall_time, component.pre.instantiate_async(&mut store)).await;
     match made {
         Ok(Ok(handler)) if store.data().limits.hit.is_none() => Some(Prepared { store, handler }),
@@ -144,7 +151,14 @@ pub(super) async fn prepare(engine: &Engine, component: &HandlerComponent, ctx: 
 /// returned with the result: dropping it returns the instance's memory to
 /// the pool (resetting the pages it touched), which callers do after
 /// passing the result on, so the answer does not wait for the clean-up.
-pub async fn run_attempt(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext, event: &Event, ready: Option<Prepared>) -> (AttemptResult, Store<AttemptState>) {
+pub async fn run_attempt(
+    engine: &Engine,
+    component: &HandlerComponent,
+    ctx: AttemptContext,
+    event: &Event,
+    ready: Option<Prepared>,
+    used_a_slice: Option<Arc<AtomicBool>>,
+) -> (AttemptResult, Store<AttemptState>) {
     let (cpu_time, wall_time) = (ctx.cpu_time, ctx.wall_time);
     let (mut store, made) = match ready {
         Some(Prepared { mut store, handler }) => {
@@ -156,7 +170,7 @@ pub async fn run_attempt(engine: &Engine, component: &HandlerComponent, ctx: Att
         }
         None => (new_store(engine, ctx), None),
     };
-    arm_limits(&mut store);
+    arm_limits(&mut store, used_a_slice);
 
     let attempt = async {
         let handler = match made {

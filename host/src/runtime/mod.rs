@@ -18,10 +18,14 @@ pub(crate) mod invoke;
 mod limits;
 mod ready;
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 
 use anyhow::Context;
+use futures_util::FutureExt;
 use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
@@ -112,9 +116,15 @@ impl Runtime {
     /// [`ready`]), else one made now. Then the handler's next instances are
     /// made in the background.
     ///
-    /// The attempt runs on a blocking thread (guest code computes; it must
-    /// not hold one of the async workers), driven as a future there so that
-    /// WASI calls are async and the wall-clock limit can cut it off.
+    /// The attempt starts on the caller's task: most guests answer in
+    /// microseconds, and handing each to a thread and back cost more than
+    /// the call (futex wake-ups and context switches were the largest kernel
+    /// share of the in-process profile). A guest still computing at an epoch
+    /// tick (it has used a CPU slice, 10 ms at most) moves to a blocking
+    /// thread for the rest of its attempt, so looping guests share the CPU
+    /// through the OS scheduler and never hold the async workers that answer
+    /// the sidecar, health checks and other tenants. A panic in an attempt
+    /// is contained either way.
     pub async fn dispatch(&self, component: Arc<HandlerComponent>, ctx: AttemptContext, event: Event) -> Dispatched {
         let Ok(slot) = self.slots.clone().acquire_owned().await else {
             return Dispatched { result: AttemptResult::Infrastructure("instance pool closed".into()), instantiation: None, made_ahead: false };
@@ -122,27 +132,37 @@ impl Runtime {
         let prepared = self.ready.take(&component, &ctx);
         let made_ahead = prepared.is_some();
         let next = (component.clone(), ctx.clone());
-        let engine = self.engine.clone();
-        let runtime = tokio::runtime::Handle::current();
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        let attempt = tokio::task::spawn_blocking(move || {
-            let (result, store) = runtime.block_on(invoke::run_attempt(&engine, &component, ctx, &event, prepared));
-            // Answer first; then return the instance to the pool (and only
-            // then free its slot).
-            let _ = answer.send(Dispatched { result, instantiation: store.data().instantiated_in, made_ahead });
-            drop(store);
-            drop(slot);
-        });
-        let dispatched = match answered.await {
-            Ok(dispatched) => dispatched,
-            Err(_) => {
-                let reason = match attempt.await {
-                    Err(error) => format!("attempt thread failed: {error}"),
-                    Ok(()) => "attempt ended without a result".into(),
-                };
-                Dispatched { result: AttemptResult::Infrastructure(reason), instantiation: None, made_ahead }
-            }
+        let used_a_slice = Arc::new(AtomicBool::new(false));
+        let mut attempt = {
+            let (engine, component, flag) = (self.engine.clone(), component.clone(), used_a_slice.clone());
+            Box::pin(async move { invoke::run_attempt(&engine, &component, ctx, &event, prepared, Some(flag)).await })
         };
+        let here = std::panic::AssertUnwindSafe(std::future::poll_fn(|cx| match attempt.as_mut().poll(cx) {
+            Poll::Ready(done) => Poll::Ready(Some(done)),
+            Poll::Pending if used_a_slice.load(Ordering::Relaxed) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }))
+        .catch_unwind()
+        .await;
+        let finished = match here {
+            Ok(Some(done)) => Ok(done),
+            Ok(None) => {
+                let runtime = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || runtime.block_on(attempt)).await.map_err(|error| format!("attempt thread failed: {error}"))
+            }
+            Err(_) => Err("the attempt panicked".to_owned()),
+        };
+        let dispatched = match finished {
+            Ok((result, store)) => {
+                let instantiation = store.data().instantiated_in;
+                // Returns the instance to the pool (resetting its memory)
+                // before its slot is free.
+                drop(store);
+                Dispatched { result, instantiation, made_ahead }
+            }
+            Err(reason) => Dispatched { result: AttemptResult::Infrastructure(reason), instantiation: None, made_ahead },
+        };
+        drop(slot);
         // Not after a trap or a host failure: a guest whose start-up loops or
         // traps must not get more CPU time in the background than its attempts.
         if !matches!(dispatched.result, AttemptResult::Trapped { .. } | AttemptResult::Infrastructure(_)) {
@@ -156,7 +176,7 @@ impl Runtime {
     /// the store whose drop returns the instance to the pool.
     #[cfg(feature = "bench")]
     pub async fn attempt_inline(&self, component: &HandlerComponent, ctx: AttemptContext, event: &Event) -> (AttemptResult, SpentStore) {
-        let (result, store) = invoke::run_attempt(&self.engine, component, ctx, event, None).await;
+        let (result, store) = invoke::run_attempt(&self.engine, component, ctx, event, None, None).await;
         (result, SpentStore(store))
     }
 
@@ -170,7 +190,7 @@ impl Runtime {
     /// (benchmarks): the result, and the store to drop.
     #[cfg(feature = "bench")]
     pub async fn attempt_made_ahead(&self, component: &HandlerComponent, ctx: AttemptContext, event: &Event, made: MadeAhead) -> (AttemptResult, SpentStore) {
-        let (result, store) = invoke::run_attempt(&self.engine, component, ctx, event, Some(made.0)).await;
+        let (result, store) = invoke::run_attempt(&self.engine, component, ctx, event, Some(made.0), None).await;
         (result, SpentStore(store))
     }
 
