@@ -135,10 +135,10 @@ fn arm_limits(store: &mut Store<AttemptState>, used_a_slice: Option<Arc<AtomicBo
 /// Makes an instance for `ctx` ahead of its attempt, held to the same
 /// limits while the guest's start-up code runs. `None` if that failed or
 /// took too long: the attempt then makes its own and reports why.
-pub(super) async fn prepare(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext) -> Option<Prepared> {
+pub(super) async fn prepare(engine: &Engine, component: &HandlerComponent, ctx: AttemptContext, used_a_slice: Option<Arc<AtomicBool>>) -> Option<Prepared> {
     let wall_time = ctx.wall_time;
     let mut store = new_store(engine, ctx);
-    arm_limits(&mut store, None);
+    arm_limits(&mut store, used_a_slice);
     let made = tokio::time::timeout(wall_time, component.pre.instantiate_async(&mut store)).await;
     match made {
         Ok(Ok(handler)) if store.data().limits.hit.is_none() => Some(Prepared { store, handler }),

@@ -133,25 +133,11 @@ impl Runtime {
         let made_ahead = prepared.is_some();
         let next = (component.clone(), ctx.clone());
         let used_a_slice = Arc::new(AtomicBool::new(false));
-        let mut attempt = {
+        let attempt = {
             let (engine, component, flag) = (self.engine.clone(), component.clone(), used_a_slice.clone());
-            Box::pin(async move { invoke::run_attempt(&engine, &component, ctx, &event, prepared, Some(flag)).await })
+            async move { invoke::run_attempt(&engine, &component, ctx, &event, prepared, Some(flag)).await }
         };
-        let here = std::panic::AssertUnwindSafe(std::future::poll_fn(|cx| match attempt.as_mut().poll(cx) {
-            Poll::Ready(done) => Poll::Ready(Some(done)),
-            Poll::Pending if used_a_slice.load(Ordering::Relaxed) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }))
-        .catch_unwind()
-        .await;
-        let finished = match here {
-            Ok(Some(done)) => Ok(done),
-            Ok(None) => {
-                let runtime = tokio::runtime::Handle::current();
-                tokio::task::spawn_blocking(move || runtime.block_on(attempt)).await.map_err(|error| format!("attempt thread failed: {error}"))
-            }
-            Err(_) => Err("the attempt panicked".to_owned()),
-        };
+        let finished = run_guest_code(attempt, &used_a_slice).await;
         let dispatched = match finished {
             Ok((result, store)) => {
                 let instantiation = store.data().instantiated_in;
@@ -183,7 +169,7 @@ impl Runtime {
     /// An instance made ahead, as the service makes them (benchmarks).
     #[cfg(feature = "bench")]
     pub async fn make_ahead(&self, component: &HandlerComponent, ctx: AttemptContext) -> Option<MadeAhead> {
-        invoke::prepare(&self.engine, component, ctx).await.map(MadeAhead)
+        invoke::prepare(&self.engine, component, ctx, None).await.map(MadeAhead)
     }
 
     /// Runs one attempt on the calling task on an instance made ahead
@@ -219,5 +205,29 @@ impl Runtime {
     /// The shared engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+}
+
+/// Runs guest code (an attempt, an instance's start-up): on the caller's
+/// task while it only takes microseconds, then, if the guest is still
+/// computing at an epoch tick (`used_a_slice` is set by the store's epoch
+/// callback), on a blocking thread for the rest, so a looping guest holds
+/// an async worker for one slice at most. A panic is an `Err`, either way.
+async fn run_guest_code<T: Send + 'static>(code: impl Future<Output = T> + Send + 'static, used_a_slice: &AtomicBool) -> Result<T, String> {
+    let mut code = Box::pin(code);
+    let here = std::panic::AssertUnwindSafe(std::future::poll_fn(|cx| match code.as_mut().poll(cx) {
+        Poll::Ready(done) => Poll::Ready(Some(done)),
+        Poll::Pending if used_a_slice.load(Ordering::Relaxed) => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+    }))
+    .catch_unwind()
+    .await;
+    match here {
+        Ok(Some(done)) => Ok(done),
+        Ok(None) => {
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || runtime.block_on(code)).await.map_err(|error| format!("guest thread failed: {error}"))
+        }
+        Err(_) => Err("guest code panicked".to_owned()),
     }
 }

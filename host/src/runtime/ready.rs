@@ -20,6 +20,7 @@
 //! change makes the shelved ones unfit; they are dropped when next looked at.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -155,13 +156,19 @@ impl ReadyInstances {
         }
     }
 
-    /// Makes one instance on a blocking thread (its start-up code is guest
-    /// code) and shelves it if it still fits.
+    /// Makes one instance in the background and shelves it if it still
+    /// fits. Its start-up code is guest code: it runs like an attempt's
+    /// (`super::run_guest_code`), on a task while it is short, on a blocking
+    /// thread once it has used a CPU slice.
     fn make(self: &Arc<Self>, engine: Engine, fit: Fit, key: (Arc<str>, Arc<str>), ctx: AttemptContext, place: OwnedSemaphorePermit) {
         let ready = self.clone();
-        let runtime = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            let prepared = runtime.block_on(invoke::prepare(&engine, &fit.component, ctx));
+        tokio::spawn(async move {
+            let used_a_slice = Arc::new(AtomicBool::new(false));
+            let making = {
+                let (engine, component, flag) = (engine.clone(), fit.component.clone(), used_a_slice.clone());
+                async move { invoke::prepare(&engine, &component, ctx, Some(flag)).await }
+            };
+            let prepared = super::run_guest_code(making, &used_a_slice).await.ok().flatten();
             let stale = {
                 let mut shelves = ready.shelves();
                 let shelf = shelves.get_mut(&key).expect("a shelf is never removed");
