@@ -508,6 +508,7 @@ def print_table(title, rows):
 
 
 NAMES = {"wasmsub": "wasmsub", "bulk": "wasmsub, bulk subscribe", "native": "native Rust subscriber", "python": "Python FastAPI + Dapr SDK"}
+BASELINE = "wasmsub, --baseline build"
 
 
 def ratios(rows):
@@ -519,6 +520,10 @@ def ratios(rows):
             out[f"events/s {a} / {b}"] = by[a]["events_per_s"] / by[b]["events_per_s"]
             out[f"app CPU/ev {a} / {b}"] = by[a]["sub_us"] / by[b]["sub_us"] if by[b]["sub_us"] else float("nan")
             out[f"total CPU/ev {a} / {b}"] = total(by[a]) / total(by[b]) if total(by[b]) else float("nan")
+    baseline = next((r for r in rows if r["variant"] == BASELINE), None)
+    if baseline:
+        out["events/s wasmsub / baseline"] = by["wasmsub"]["events_per_s"] / baseline["events_per_s"]
+        out["app CPU/ev wasmsub / baseline"] = by["wasmsub"]["sub_us"] / baseline["sub_us"] if baseline["sub_us"] else float("nan")
     return out
 
 
@@ -531,6 +536,9 @@ def print_ratios(rows, ratio):
     print(f"  total CPU/event (app+daprd+Redis):   {line('total CPU/ev')}")
     print("  total CPU µs/event:                  " + "   ".join(f"{k} {total(by[k]):.0f}" for k in NAMES))
     print("  sidecar calls / Redis cmds per event: " + "   ".join(f"{k} {by[k]['calls']:.2f} / {by[k]['redis_cmds']:.2f}" for k in NAMES))
+    if "events/s wasmsub / baseline" in ratio:
+        print(f"  this build ÷ --baseline build:       events/s {ratio['events/s wasmsub / baseline']:.2f}x   "
+              f"app CPU/event {ratio['app CPU/ev wasmsub / baseline']:.2f}x")
 
 
 def print_publish_alone(p, label="publishing alone"):
@@ -566,6 +574,7 @@ def main():
     parser.add_argument("--latency-events", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=1, help="run the whole comparison N times; print each run and the medians")
     parser.add_argument("--details", action="store_true", help="also print, per subscriber, its pids and the calls and Redis commands per event by kind")
+    parser.add_argument("--baseline", help="another wasmsub binary (e.g. the previous commit's) run as one more row, for a before/after in one run")
     parser.add_argument("--repo", required=True)
     args = parser.parse_args()
     if args.repeat < 1 or args.events < 1 or args.latency_events < 1:
@@ -583,7 +592,7 @@ def main():
         args.daprd_config = os.path.join(work, "daprd-config.yaml")
         open(args.daprd_config, "w").write(DAPRD_CONFIG)
 
-        def wasmsub(bulk):
+        def wasmsub(bulk, binary=args.wasmsub):
             def start(procs, app_port, http_port, grpc_port, work):
                 manifest = os.path.join(work, f"wasmsub-{bulk}.toml")
                 extra = "bulk = { max_messages = 100, max_await_ms = 5 }\n" if bulk else ""
@@ -591,7 +600,7 @@ def main():
                     '[[tenant]]\nname = "todo"\nlimits = { max_concurrency = 32, publish_topics = ["task-audit"] }\n'
                     f'[[tenant.handler]]\nname = "task-created"\ncomponent = "{args.component}"\ntopic = "task-created"\n{extra}'
                 )
-                return procs.start(f"wasmsub-bulk-{bulk}", [args.wasmsub, "run", "--manifest", manifest],
+                return procs.start(f"wasmsub-bulk-{bulk}", [binary, "run", "--manifest", manifest],
                                    env={"DAPR_HTTP_PORT": str(http_port), "APP_PORT": str(app_port), "RUST_LOG": "warn",
                                         "WASMSUB_LISTEN": f"127.0.0.1:{app_port}"})
             return start
@@ -612,6 +621,8 @@ def main():
             Variant(NAMES["native"], lambda i: f"task:{i}", native),
             Variant(NAMES["python"], lambda i: f"task:{i}", python),
         ]
+        if args.baseline:
+            variants.insert(1, Variant(BASELINE, lambda i: f"wasmsub|state|4:todo|task:{i}", wasmsub(False, args.baseline)))
         for run in range(args.repeat):
             publish_alone.append(measure_publish_alone(args, procs, redis, components, run))
             order = variants[run % len(variants):] + variants[:run % len(variants)]

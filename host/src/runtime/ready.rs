@@ -80,9 +80,12 @@ struct Shelf {
     last_taken: Instant,
 }
 
+/// A shelf's handler: its tenant and its name.
+type ShelfKey = (Arc<str>, Arc<str>);
+
 /// Every handler's shelf, and the places they share.
 pub struct ReadyInstances {
-    shelves: Mutex<HashMap<(Arc<str>, Arc<str>), Shelf>>,
+    shelves: Mutex<HashMap<ShelfKey, Shelf>>,
     places: Arc<Semaphore>,
     total: usize,
 }
@@ -93,7 +96,7 @@ impl ReadyInstances {
         Self { shelves: Mutex::new(HashMap::new()), places: Arc::new(Semaphore::new(total)), total }
     }
 
-    fn shelves(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, Arc<str>), Shelf>> {
+    fn shelves(&self) -> std::sync::MutexGuard<'_, HashMap<ShelfKey, Shelf>> {
         self.shelves.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -160,7 +163,7 @@ impl ReadyInstances {
     /// fits. Its start-up code is guest code: it runs like an attempt's
     /// (`super::run_guest_code`), on a task while it is short, on a blocking
     /// thread once it has used a CPU slice.
-    fn make(self: &Arc<Self>, engine: Engine, fit: Fit, key: (Arc<str>, Arc<str>), ctx: AttemptContext, place: OwnedSemaphorePermit) {
+    fn make(self: &Arc<Self>, engine: Engine, fit: Fit, key: ShelfKey, ctx: AttemptContext, place: OwnedSemaphorePermit) {
         let ready = self.clone();
         tokio::spawn(async move {
             let used_a_slice = Arc::new(AtomicBool::new(false));
@@ -193,7 +196,7 @@ impl ReadyInstances {
 
 /// Takes one instance off the shelf used least recently before `before`
 /// (other than `keep`'s), so its place can go to a busier handler.
-fn least_recently_used(shelves: &mut HashMap<(Arc<str>, Arc<str>), Shelf>, keep: &(Arc<str>, Arc<str>), before: Instant) -> Option<Shelved> {
+fn least_recently_used(shelves: &mut HashMap<ShelfKey, Shelf>, keep: &ShelfKey, before: Instant) -> Option<Shelved> {
     let (_, shelf) = shelves
         .iter_mut()
         .filter(|(key, shelf)| *key != keep && !shelf.made.is_empty() && shelf.last_taken < before)

@@ -1,13 +1,15 @@
 //! One HTTP request per call: what a batch (or a lone call) finally sends.
 
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::{CONNECT_TIMEOUT, Operation, REQUEST_TIMEOUT, SidecarError, StateItem, path_segment};
+use super::{CONNECT_TIMEOUT, REQUEST_TIMEOUT, SidecarError, path_segment};
 use crate::cloudevent::CLOUDEVENTS_JSON;
 use crate::telemetry::TraceContext;
 
-/// A key's value as read (JSON) and its ETag; `None`: absent.
-pub(super) type Read = Option<(Value, Option<String>)>;
+/// A key's value as read (JSON, undecoded) and its ETag; `None`: absent.
+pub(super) type Read = Option<(Box<RawValue>, Option<String>)>;
 
 #[derive(Clone)]
 pub(super) struct Api {
@@ -128,7 +130,7 @@ impl Api {
         }
         // Everything the host stores is JSON; anything else is kept as text,
         // as Dapr's bulk read would give it.
-        let value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        let value = serde_json::from_slice::<Box<RawValue>>(&body).unwrap_or_else(|_| super::to_raw(&String::from_utf8_lossy(&body)));
         Ok(Some((value, etag)))
     }
 
@@ -137,8 +139,9 @@ impl Api {
         #[derive(serde::Deserialize)]
         struct Item {
             key: String,
+            /// JSON `null` (an absent key) reads as `None`.
             #[serde(default)]
-            data: Option<Value>,
+            data: Option<Box<RawValue>>,
             #[serde(default)]
             etag: Option<String>,
             #[serde(default)]
@@ -148,7 +151,12 @@ impl Api {
             return Ok(Vec::new());
         }
         let url = format!("{}/v1.0/state/{}/bulk", self.base, path_segment(store));
-        let request = self.http.post(&url).json(&serde_json::json!({ "keys": keys, "parallelism": 16 }));
+        #[derive(Serialize)]
+        struct Body<'a> {
+            keys: &'a [String],
+            parallelism: u32,
+        }
+        let request = self.http.post(&url).json(&Body { keys, parallelism: 16 });
         let response = self.send(url.clone(), request).await?;
         let items: Vec<Item> = response.json().await.map_err(|source| SidecarError::Unreachable { url: url.clone(), source })?;
         let mut by_key = std::collections::HashMap::with_capacity(items.len());
@@ -156,20 +164,26 @@ impl Api {
             if let Some(error) = item.error {
                 return Err(SidecarError::Status { url, status: reqwest::StatusCode::INTERNAL_SERVER_ERROR, body: format!("key {}: {error}", item.key) });
             }
-            by_key.insert(item.key, item.data.filter(|d| !d.is_null()).map(|data| (data, item.etag)));
+            by_key.insert(item.key, item.data.map(|data| (data, item.etag)));
         }
-        Ok(keys.iter().map(|key| by_key.get(key).cloned().flatten()).collect())
+        Ok(keys.iter().map(|key| by_key.remove(key).flatten()).collect())
     }
 
-    pub(super) async fn save(&self, store: &str, items: &[StateItem]) -> Result<(), SidecarError> {
+    /// Saves `items` (`StateItem`s, owned or borrowed).
+    pub(super) async fn save<T: Serialize>(&self, store: &str, items: &[T]) -> Result<(), SidecarError> {
         let url = format!("{}/v1.0/state/{}", self.base, path_segment(store));
         let request = self.http.post(&url).json(items);
         self.send(url, request).await.map(drop)
     }
 
-    pub(super) async fn transaction(&self, store: &str, operations: &[Operation]) -> Result<(), SidecarError> {
+    /// Runs `operations` (`Operation`s, owned or borrowed) as one transaction.
+    pub(super) async fn transaction<T: Serialize>(&self, store: &str, operations: &[T]) -> Result<(), SidecarError> {
+        #[derive(Serialize)]
+        struct Body<'a, T> {
+            operations: &'a [T],
+        }
         let url = format!("{}/v1.0/state/{}/transaction", self.base, path_segment(store));
-        let request = self.http.post(&url).json(&serde_json::json!({ "operations": operations }));
+        let request = self.http.post(&url).json(&Body { operations });
         self.send(url, request).await.map(drop)
     }
 }

@@ -186,10 +186,12 @@ async fn run_gets(api: Api, calls: Vec<GetCall>) -> Vec<Result<Vec<Read>, Sideca
 /// A write whose calls merge by concatenating their items: saves (state
 /// items) and transactions (operations).
 trait MergedWrite: Send + 'static {
-    type Item: Clone + Send + Sync;
+    type Item: serde::Serialize + Send + Sync;
     fn store(&self) -> &str;
     fn items(&self) -> &[Self::Item];
-    fn send(api: &Api, store: &str, items: &[Self::Item]) -> impl Future<Output = Done> + Send;
+    /// Sends `items` (borrowed: a merged request serialises every call's
+    /// items in place, nothing is copied).
+    fn send(api: &Api, store: &str, items: &[&Self::Item]) -> impl Future<Output = Done> + Send;
 }
 
 impl MergedWrite for SaveCall {
@@ -200,7 +202,7 @@ impl MergedWrite for SaveCall {
     fn items(&self) -> &[StateItem] {
         &self.items
     }
-    fn send(api: &Api, store: &str, items: &[StateItem]) -> impl Future<Output = Done> + Send {
+    fn send(api: &Api, store: &str, items: &[&StateItem]) -> impl Future<Output = Done> + Send {
         api.save(store, items)
     }
 }
@@ -213,18 +215,23 @@ impl MergedWrite for TransactionCall {
     fn items(&self) -> &[Operation] {
         &self.operations
     }
-    fn send(api: &Api, store: &str, items: &[Operation]) -> impl Future<Output = Done> + Send {
+    fn send(api: &Api, store: &str, items: &[&Operation]) -> impl Future<Output = Done> + Send {
         api.transaction(store, items)
     }
 }
 
 /// One merged request per store; refused, its calls go again alone.
 async fn run_writes<C: MergedWrite>(api: Api, calls: Vec<C>) -> Vec<Done> {
+    let (api, calls) = (&api, &calls);
     let mut out = answers(calls.len());
-    for group in groups(&calls, |c| c.store().to_owned()) {
-        let merged: Vec<C::Item> = group.iter().flat_map(|&i| calls[i].items().iter().cloned()).collect();
-        let first = C::send(&api, calls[group[0]].store(), &merged).await;
-        merged_or_each(&group, first, &mut out, |i| C::send(&api, calls[i].store(), calls[i].items())).await;
+    for group in groups(calls, |c| c.store().to_owned()) {
+        let merged: Vec<&C::Item> = group.iter().flat_map(|&i| calls[i].items()).collect();
+        let first = C::send(api, calls[group[0]].store(), &merged).await;
+        merged_or_each(&group, first, &mut out, |i| async move {
+            let alone: Vec<&C::Item> = calls[i].items().iter().collect();
+            C::send(api, calls[i].store(), &alone).await
+        })
+        .await;
     }
     complete(out)
 }

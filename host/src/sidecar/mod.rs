@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::outbox::Publisher;
@@ -76,35 +77,64 @@ pub struct StateItem {
     /// The state key.
     pub key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    /// The value (absent for a delete).
-    pub value: Option<Value>,
+    /// The value (absent for a delete), already encoded: an item is
+    /// serialised once, into the request, however often it is merged.
+    pub value: Option<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     /// The ETag a write is checked against.
     pub etag: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     /// Concurrency and consistency options.
-    pub options: Option<Value>,
-    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub options: Option<ItemOptions>,
+    #[serde(skip_serializing_if = "ItemMetadata::is_empty")]
     /// Per-item metadata (TTL).
-    pub metadata: Map<String, Value>,
+    pub metadata: ItemMetadata,
+}
+
+/// Dapr's per-item `options`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ItemOptions {
+    /// `first-write` or `last-write`.
+    pub concurrency: &'static str,
+    /// `strong` or `eventual`.
+    pub consistency: &'static str,
+}
+
+/// Dapr's per-item `metadata`, as far as the host sets it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ItemMetadata {
+    /// Seconds until the store expires the item.
+    #[serde(rename = "ttlInSeconds", skip_serializing_if = "Option::is_none")]
+    pub ttl_in_seconds: Option<String>,
+}
+
+impl ItemMetadata {
+    fn is_empty(&self) -> bool {
+        self.ttl_in_seconds.is_none()
+    }
 }
 
 impl StateItem {
     /// An item for `key`.
-    pub fn new(key: String, value: Option<Value>) -> Self {
-        Self { key, value, etag: None, options: None, metadata: Map::new() }
+    pub fn new(key: String, value: Option<Box<RawValue>>) -> Self {
+        Self { key, value, etag: None, options: None, metadata: ItemMetadata::default() }
+    }
+
+    /// An item writing `value` (encoded as JSON) under `key`.
+    pub fn json(key: String, value: &impl Serialize) -> Self {
+        Self::new(key, Some(to_raw(value)))
     }
 
     /// Insert-if-absent (no ETag) or compare-and-set (with one).
     pub fn first_write(mut self, etag: Option<String>) -> Self {
         self.etag = etag;
-        self.options = Some(serde_json::json!({"concurrency": "first-write", "consistency": "strong"}));
+        self.options = Some(ItemOptions { concurrency: "first-write", consistency: "strong" });
         self
     }
 
     /// Expires the item after `ttl`.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.metadata.insert("ttlInSeconds".into(), ttl.as_secs().max(1).to_string().into());
+        self.metadata.ttl_in_seconds = Some(ttl.as_secs().max(1).to_string());
         self
     }
 }
@@ -164,19 +194,19 @@ impl Sidecar {
     }
 
     /// A key's value (JSON, as stored) and ETag, or `None` if it is absent.
-    pub async fn get_state(&self, store: &str, key: &str) -> Result<Option<(Vec<u8>, Option<String>)>, SidecarError> {
+    pub async fn get_state(&self, store: &str, key: &str) -> Result<Option<(Box<RawValue>, Option<String>)>, SidecarError> {
         let mut values = self.batches.get(store, vec![key.to_owned()]).await?;
-        Ok(values.pop().flatten().map(|(value, etag)| (serde_json::to_vec(&value).expect("a JSON value encodes"), etag)))
+        Ok(values.pop().flatten())
     }
 
     /// Saves `items` (applied item by item: on failure, some may be saved).
-    pub async fn save_state(&self, store: &str, items: &[StateItem]) -> Result<(), SidecarError> {
-        self.batches.save(store, items.to_vec()).await
+    pub async fn save_state(&self, store: &str, items: Vec<StateItem>) -> Result<(), SidecarError> {
+        self.batches.save(store, items).await
     }
 
-    /// Several keys' values and ETags (`None`: absent). A key Dapr could not
-    /// read is an error.
-    pub async fn get_bulk(&self, store: &str, keys: &[String]) -> Result<Vec<Option<(Value, Option<String>)>>, SidecarError> {
+    /// Several keys' values (JSON, as stored) and ETags (`None`: absent).
+    /// A key Dapr could not read is an error.
+    pub async fn get_bulk(&self, store: &str, keys: &[String]) -> Result<Vec<Option<(Box<RawValue>, Option<String>)>>, SidecarError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -186,9 +216,14 @@ impl Sidecar {
     /// Applies `operations` as one state transaction (atomic only where the
     /// store makes it so: Redis applies the operations whose ETag checks
     /// pass even when another's fails).
-    pub async fn transaction(&self, store: &str, operations: &[Operation]) -> Result<(), SidecarError> {
-        self.batches.transaction(store, operations.to_vec()).await
+    pub async fn transaction(&self, store: &str, operations: Vec<Operation>) -> Result<(), SidecarError> {
+        self.batches.transaction(store, operations).await
     }
+}
+
+/// `value` encoded as JSON, once.
+pub fn to_raw(value: &impl Serialize) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("the host's records and JSON values always serialise")
 }
 
 /// Names and keys travel in the URL path: escape everything but unreserved
@@ -225,11 +260,12 @@ mod tests {
 
     #[test]
     fn items_serialise_as_dapr_expects() {
-        let item = StateItem::new("k".into(), Some(Value::from(1))).first_write(Some("3".into())).ttl(Duration::from_secs(90));
+        let item = StateItem::json("k".into(), &1).first_write(Some("3".into())).ttl(Duration::from_secs(90));
         let json = serde_json::to_value(&item).unwrap();
         assert_eq!(json["etag"], "3");
         assert_eq!(json["options"]["concurrency"], "first-write");
         assert_eq!(json["metadata"]["ttlInSeconds"], "90");
+        assert_eq!(json["value"], 1);
         let delete = serde_json::to_value(Operation::delete("k".into())).unwrap();
         assert_eq!(delete, serde_json::json!({"operation": "delete", "request": {"key": "k"}}));
     }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::key_locks::HeldLocks;
-use super::{DaprStore, StoredClaim, to_value, unavailable, values};
+use super::{DaprStore, StoredClaim, claim_item, unavailable, values};
 use crate::clock;
 use crate::pipeline::effects::StateWrite;
 use crate::sidecar::{Operation, StateItem};
@@ -112,7 +112,7 @@ impl DaprStore {
         for lock in &mut locks.0 {
             lock.etag = etag_of(&lock.record);
         }
-        let claimed = entry(record_key).and_then(|(value, _)| serde_json::from_value::<StoredClaim>(value.clone()).ok());
+        let claimed = entry(record_key).and_then(|(raw, _)| serde_json::from_str::<StoredClaim>(raw.get()).ok());
         claim::check_owner(claimed.as_ref().map(|c| &c.record), commit.claim)?;
         for ((key, seen), store_key) in commit.reads.iter().zip(&read_keys) {
             if etag_of(store_key) != *seen {
@@ -137,8 +137,8 @@ impl DaprStore {
     async fn write_done(&self, record_key: &str, commit: &Commit<'_>, writes: Option<CommittedWrites>, claim_etag: Option<String>) -> Result<(), StoreError> {
         let record = Record::Done { kind: commit.completion.into(), expires_ms: clock::after_ms(self.clock.now_ms(), commit.ttl) };
         let done = StoredClaim { record, outbox: commit.outbox.to_vec(), writes };
-        let item = StateItem::new(record_key.to_owned(), Some(to_value(&done))).first_write(claim_etag).ttl(commit.ttl);
-        let Err(error) = self.sidecar.save_state(&self.store_name, &[item]).await else { return Ok(()) };
+        let item = claim_item(record_key.to_owned(), &done).first_write(claim_etag).ttl(commit.ttl);
+        let Err(error) = self.sidecar.save_state(&self.store_name, vec![item]).await else { return Ok(()) };
         // Refused (someone took the claim over) or lost on the way?
         match self.load(record_key).await {
             Ok(Some((now_stored, _))) if now_stored.record == done.record => Ok(()),
@@ -156,7 +156,7 @@ impl DaprStore {
         for ((key, value), etag) in writes.entries.iter().zip(etags) {
             let key = keys::dapr_state_key(&writes.namespace, key);
             match (value, etag) {
-                (Some(value), etag) => operations.push(Operation::upsert(StateItem::new(key, Some(value.clone())).first_write(etag.clone()))),
+                (Some(value), etag) => operations.push(Operation::upsert(StateItem::json(key, value).first_write(etag.clone()))),
                 (None, Some(etag)) => operations.push(Operation::delete_if(key, etag.clone())),
                 (None, None) => {} // deleting an absent key
             }
@@ -164,7 +164,7 @@ impl DaprStore {
         if operations.is_empty() {
             return Ok(());
         }
-        self.sidecar.transaction(&self.store_name, &operations).await.map_err(unavailable)
+        self.sidecar.transaction(&self.store_name, operations).await.map_err(unavailable)
     }
 
     /// Applies `record_key`'s write of `namespace`'s `key`, if that commit

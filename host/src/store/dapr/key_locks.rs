@@ -109,11 +109,11 @@ impl DaprStore {
     /// The lock record of `namespace`'s `key` and its ETag, if any.
     pub(super) async fn load_lock(&self, namespace: &str, key: &str) -> Result<Option<(LockRecord, Option<String>)>, StoreError> {
         let record = keys::dapr_lock_key(namespace, key);
-        let Some((bytes, etag)) = self.sidecar.get_state(&self.store_name, &record).await.map_err(unavailable)? else {
+        let Some((raw, etag)) = self.sidecar.get_state(&self.store_name, &record).await.map_err(unavailable)? else {
             return Ok(None);
         };
         // A record we cannot read is treated as expired: it is replaced.
-        let lock = serde_json::from_slice(&bytes)
+        let lock = serde_json::from_str(raw.get())
             .unwrap_or(LockRecord { holder: String::new(), token: 0, until_ms: 0, unfinished: Vec::new() });
         Ok(Some((lock, etag)))
     }
@@ -147,8 +147,8 @@ impl DaprStore {
                 until_ms: clock::after_ms(self.clock.now_ms(), LOCK_LEASE),
                 unfinished,
             };
-            let fresh = StateItem::new(record.clone(), Some(to_value(&mine(Vec::new())))).first_write(None);
-            if self.sidecar.save_state(&self.store_name, &[fresh]).await.is_ok() {
+            let fresh = StateItem::json(record.clone(), &mine(Vec::new())).first_write(None);
+            if self.sidecar.save_state(&self.store_name, vec![fresh]).await.is_ok() {
                 return Ok(KeyLock { record, token, etag: None, _turn: turn });
             }
             if let Some((current, etag)) = self.load_lock(namespace, key).await? {
@@ -179,8 +179,8 @@ impl DaprStore {
                     }
                     let keep_from = unfinished.len().saturating_sub(MAX_UNFINISHED);
                     unfinished.drain(..keep_from);
-                    let takeover = StateItem::new(record.clone(), Some(to_value(&mine(unfinished.clone())))).first_write(etag);
-                    if self.sidecar.save_state(&self.store_name, &[takeover]).await.is_ok() {
+                    let takeover = StateItem::json(record.clone(), &mine(unfinished.clone())).first_write(etag);
+                    if self.sidecar.save_state(&self.store_name, vec![takeover]).await.is_ok() {
                         for earlier in &unfinished {
                             self.roll_forward(earlier, namespace, key).await?;
                         }
@@ -214,7 +214,7 @@ impl DaprStore {
         if deletes.is_empty() {
             return;
         }
-        if let Err(error) = self.sidecar.transaction(&self.store_name, &deletes).await {
+        if let Err(error) = self.sidecar.transaction(&self.store_name, deletes).await {
             // Those still ours expire with their lease; the next commit on
             // their keys waits that long.
             tracing::warn!(%error, "could not give state key locks back; they expire with their lease");
@@ -222,12 +222,8 @@ impl DaprStore {
     }
 
     async fn current_etag_if_ours(&self, lock: &KeyLock) -> Option<String> {
-        let (bytes, etag) = self.sidecar.get_state(&self.store_name, &lock.record).await.ok()??;
-        let record: LockRecord = serde_json::from_slice(&bytes).ok()?;
+        let (raw, etag) = self.sidecar.get_state(&self.store_name, &lock.record).await.ok()??;
+        let record: LockRecord = serde_json::from_str(raw.get()).ok()?;
         (record.token == lock.token).then_some(etag).flatten()
     }
-}
-
-fn to_value(record: &LockRecord) -> serde_json::Value {
-    serde_json::to_value(record).expect("a lock record always serialises")
 }

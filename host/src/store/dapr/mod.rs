@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use commit::CommittedWrites;
 use key_locks::LocalTurns;
@@ -84,8 +83,9 @@ fn unavailable(error: SidecarError) -> StoreError {
     StoreError::Unavailable(anyhow::Error::new(error))
 }
 
-fn to_value(stored: &StoredClaim) -> Value {
-    serde_json::to_value(stored).expect("a claim record always serialises")
+/// A claim record as a save item for `key`.
+fn claim_item(key: String, stored: &StoredClaim) -> StateItem {
+    StateItem::json(key, stored)
 }
 
 impl DaprStore {
@@ -96,10 +96,10 @@ impl DaprStore {
     }
 
     async fn load(&self, key: &str) -> Result<Option<(StoredClaim, Option<String>)>, StoreError> {
-        let Some((bytes, etag)) = self.sidecar.get_state(&self.store_name, key).await.map_err(unavailable)? else {
+        let Some((raw, etag)) = self.sidecar.get_state(&self.store_name, key).await.map_err(unavailable)? else {
             return Ok(None);
         };
-        let stored = serde_json::from_slice(&bytes)
+        let stored = serde_json::from_str(raw.get())
             .map_err(|e| StoreError::Unavailable(anyhow::anyhow!("corrupt claim record {key}: {e}")))?;
         Ok(Some((stored, etag)))
     }
@@ -169,8 +169,8 @@ impl DaprStore {
         let Some(record) = record else { return Ok(answer) };
         // An expired claim or done record: replace it, guarded by its ETag.
         let replacement = StoredClaim { record, outbox: Vec::new(), writes: None };
-        let item = StateItem::new(record_key.clone(), Some(to_value(&replacement))).first_write(etag).ttl(lease + CLAIM_TTL_SLACK);
-        match self.sidecar.save_state(&self.store_name, &[item]).await {
+        let item = claim_item(record_key.clone(), &replacement).first_write(etag).ttl(lease + CLAIM_TTL_SLACK);
+        match self.sidecar.save_state(&self.store_name, vec![item]).await {
             Ok(()) => Ok(answer),
             Err(error) => self.read_back(encoded, &replacement.record, answer, lease, error).await,
         }
@@ -197,8 +197,8 @@ impl DeliveryStore for DaprStore {
         let (answer, record) = claim::decide_claim(&encoded, None, self.clock.now_ms(), lease, claim::new_token());
         let record = record.expect("a claim on an absent record is always written");
         let fresh = StoredClaim { record, outbox: Vec::new(), writes: None };
-        let item = StateItem::new(keys::dapr_claim_key(&encoded), Some(to_value(&fresh))).first_write(None).ttl(lease + CLAIM_TTL_SLACK);
-        match self.sidecar.save_state(&self.store_name, &[item]).await {
+        let item = claim_item(keys::dapr_claim_key(&encoded), &fresh).first_write(None).ttl(lease + CLAIM_TTL_SLACK);
+        match self.sidecar.save_state(&self.store_name, vec![item]).await {
             Ok(()) => Ok(answer),
             // Redis answers 500, not 409, to a first-write conflict: whatever
             // the error, the record decides.
@@ -220,8 +220,8 @@ impl DeliveryStore for DaprStore {
         // Expire the claim now (keeping the key, whose first-write marker
         // makes later writes ETag-checked).
         let released = StoredClaim { record: Record::InFlight { token: token.token, lease_until_ms: 0 }, outbox: Vec::new(), writes: None };
-        let item = StateItem::new(record_key, Some(to_value(&released))).first_write(etag).ttl(CLAIM_TTL_SLACK);
-        match self.sidecar.save_state(&self.store_name, &[item]).await {
+        let item = claim_item(record_key, &released).first_write(etag).ttl(CLAIM_TTL_SLACK);
+        match self.sidecar.save_state(&self.store_name, vec![item]).await {
             Ok(()) | Err(SidecarError::Conflict { .. }) => Ok(()),
             Err(error) => Err(unavailable(error)),
         }
@@ -233,7 +233,7 @@ impl DeliveryStore for DaprStore {
 
     async fn get_record(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match self.sidecar.get_state(&self.store_name, &keys::dapr_record_key(key)).await.map_err(unavailable)? {
-            Some((bytes, _)) => Ok(Some(values::decode_body(&bytes)?)),
+            Some((raw, _)) => Ok(Some(values::decode_body(raw.get().as_bytes())?)),
             None => Ok(None),
         }
     }
@@ -241,15 +241,15 @@ impl DeliveryStore for DaprStore {
     async fn put_record(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
         let key = keys::dapr_record_key(key);
         let result = match value {
-            Some(value) => self.sidecar.save_state(&self.store_name, &[StateItem::new(key, Some(values::encode(value)))]).await,
-            None => self.sidecar.transaction(&self.store_name, &[Operation::delete(key)]).await,
+            Some(value) => self.sidecar.save_state(&self.store_name, vec![StateItem::json(key, &values::encode(value))]).await,
+            None => self.sidecar.transaction(&self.store_name, vec![Operation::delete(key)]).await,
         };
         result.map_err(unavailable)
     }
 
     async fn read_state(&self, tenant: &str, key: &str) -> Result<StateRead, StoreError> {
         match self.sidecar.get_state(&self.store_name, &keys::dapr_state_key(tenant, key)).await.map_err(unavailable)? {
-            Some((bytes, etag)) => Ok(StateRead { value: Some(values::decode_body(&bytes)?), version: etag }),
+            Some((raw, etag)) => Ok(StateRead { value: Some(values::decode_body(raw.get().as_bytes())?), version: etag }),
             None => Ok(StateRead::default()),
         }
     }

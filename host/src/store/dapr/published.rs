@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{StoredClaim, to_value};
+use super::{StoredClaim, claim_item};
 use crate::clock::SharedClock;
 use crate::sidecar::{Sidecar, SidecarError, StateItem};
 use crate::store::claim::Record;
@@ -83,20 +83,20 @@ async fn rewrite(sidecar: &Sidecar, store: &str, clock: &SharedClock, keys: &[St
         .iter()
         .zip(reads)
         .filter_map(|(key, read)| {
-            let (value, etag) = read?;
-            let stored: StoredClaim = serde_json::from_value(value).ok()?;
+            let (raw, etag) = read?;
+            let stored: StoredClaim = serde_json::from_str(raw.get()).ok()?;
             let Record::Done { expires_ms, .. } = stored.record else { return None };
             if stored.outbox.is_empty() {
                 return None;
             }
             let ttl = Duration::from_millis(expires_ms.saturating_sub(now_ms));
             let cleared = StoredClaim { record: stored.record, outbox: Vec::new(), writes: stored.writes };
-            Some(StateItem::new(key.clone(), Some(to_value(&cleared))).first_write(etag).ttl(ttl))
+            Some(claim_item(key.clone(), &cleared).first_write(etag).ttl(ttl))
         })
         .collect();
     // One call per record, sent together: the sidecar's batches merge them
     // into one request, and a conflict on one record fails only that one.
-    let saves = items.iter().map(|item| sidecar.save_state(store, std::slice::from_ref(item)));
+    let saves = items.into_iter().map(|item| sidecar.save_state(store, vec![item]));
     for result in futures_util::future::join_all(saves).await {
         match result {
             Ok(()) | Err(SidecarError::Conflict { .. }) => {}
