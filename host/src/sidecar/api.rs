@@ -166,7 +166,8 @@ impl Api {
             }
             by_key.insert(item.key, item.data.map(|data| (data, item.etag)));
         }
-        Ok(keys.iter().map(|key| by_key.remove(key).flatten()).collect())
+        // A key asked for twice gets its answer twice.
+        Ok(keys.iter().map(|key| by_key.get(key).cloned().flatten()).collect())
     }
 
     /// Saves `items` (`StateItem`s, owned or borrowed).
