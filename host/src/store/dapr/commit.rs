@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::key_locks::HeldLocks;
-use super::{DaprStore, StoredClaim, claim_item, unavailable, values};
+use super::{DaprStore, StoredClaim, unavailable, values};
 use crate::clock;
 use crate::pipeline::effects::StateWrite;
 use crate::sidecar::{Operation, StateItem};
@@ -137,7 +137,7 @@ impl DaprStore {
     async fn write_done(&self, record_key: &str, commit: &Commit<'_>, writes: Option<CommittedWrites>, claim_etag: Option<String>) -> Result<(), StoreError> {
         let record = Record::Done { kind: commit.completion.into(), expires_ms: clock::after_ms(self.clock.now_ms(), commit.ttl) };
         let done = StoredClaim { record, outbox: commit.outbox.to_vec(), writes };
-        let item = claim_item(record_key.to_owned(), &done).first_write(claim_etag).ttl(commit.ttl);
+        let item = StateItem::json(record_key.to_owned(), &done).first_write(claim_etag).ttl(commit.ttl);
         let Err(error) = self.sidecar.save_state(&self.store_name, vec![item]).await else { return Ok(()) };
         // Refused (someone took the claim over) or lost on the way?
         match self.load(record_key).await {

@@ -83,10 +83,6 @@ fn unavailable(error: SidecarError) -> StoreError {
     StoreError::Unavailable(anyhow::Error::new(error))
 }
 
-/// A claim record as a save item for `key`.
-fn claim_item(key: String, stored: &StoredClaim) -> StateItem {
-    StateItem::json(key, stored)
-}
 
 impl DaprStore {
     /// The store `store_name` (a Dapr state component) behind `sidecar`.
@@ -169,7 +165,7 @@ impl DaprStore {
         let Some(record) = record else { return Ok(answer) };
         // An expired claim or done record: replace it, guarded by its ETag.
         let replacement = StoredClaim { record, outbox: Vec::new(), writes: None };
-        let item = claim_item(record_key.clone(), &replacement).first_write(etag).ttl(lease + CLAIM_TTL_SLACK);
+        let item = StateItem::json(record_key.clone(), &replacement).first_write(etag).ttl(lease + CLAIM_TTL_SLACK);
         match self.sidecar.save_state(&self.store_name, vec![item]).await {
             Ok(()) => Ok(answer),
             Err(error) => self.read_back(encoded, &replacement.record, answer, lease, error).await,
@@ -197,7 +193,7 @@ impl DeliveryStore for DaprStore {
         let (answer, record) = claim::decide_claim(&encoded, None, self.clock.now_ms(), lease, claim::new_token());
         let record = record.expect("a claim on an absent record is always written");
         let fresh = StoredClaim { record, outbox: Vec::new(), writes: None };
-        let item = claim_item(keys::dapr_claim_key(&encoded), &fresh).first_write(None).ttl(lease + CLAIM_TTL_SLACK);
+        let item = StateItem::json(keys::dapr_claim_key(&encoded), &fresh).first_write(None).ttl(lease + CLAIM_TTL_SLACK);
         match self.sidecar.save_state(&self.store_name, vec![item]).await {
             Ok(()) => Ok(answer),
             // Redis answers 500, not 409, to a first-write conflict: whatever
@@ -220,7 +216,7 @@ impl DeliveryStore for DaprStore {
         // Expire the claim now (keeping the key, whose first-write marker
         // makes later writes ETag-checked).
         let released = StoredClaim { record: Record::InFlight { token: token.token, lease_until_ms: 0 }, outbox: Vec::new(), writes: None };
-        let item = claim_item(record_key, &released).first_write(etag).ttl(CLAIM_TTL_SLACK);
+        let item = StateItem::json(record_key, &released).first_write(etag).ttl(CLAIM_TTL_SLACK);
         match self.sidecar.save_state(&self.store_name, vec![item]).await {
             Ok(()) | Err(SidecarError::Conflict { .. }) => Ok(()),
             Err(error) => Err(unavailable(error)),

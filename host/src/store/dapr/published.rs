@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{StoredClaim, claim_item};
+use super::StoredClaim;
 use crate::clock::SharedClock;
 use crate::sidecar::{Sidecar, SidecarError, StateItem};
 use crate::store::claim::Record;
@@ -91,7 +91,7 @@ async fn rewrite(sidecar: &Sidecar, store: &str, clock: &SharedClock, keys: &[St
             }
             let ttl = Duration::from_millis(expires_ms.saturating_sub(now_ms));
             let cleared = StoredClaim { record: stored.record, outbox: Vec::new(), writes: stored.writes };
-            Some(claim_item(key.clone(), &cleared).first_write(etag).ttl(ttl))
+            Some(StateItem::json(key.clone(), &cleared).first_write(etag).ttl(ttl))
         })
         .collect();
     // One call per record, sent together: the sidecar's batches merge them
