@@ -55,21 +55,21 @@ impl DaprStore {
         if commit.state_writes.is_empty() && commit.reads.is_empty() {
             // Nothing to validate or apply: the commit point is the whole commit.
             let claim_etag = self.owned_claim_etag(&record_key, &commit).await?;
-            self.write_done(&record_key, &commit, None, claim_etag).await?;
-            return Ok(self.remember_outbox(&record_key, commit.outbox));
+            let done = self.write_done(&record_key, &commit, None, claim_etag).await?;
+            return Ok(self.remember_outbox(&record_key, &done, commit.outbox, false));
         }
         let touched: BTreeSet<String> = commit.reads.iter().map(|(key, _)| key.clone()).chain(commit.state_writes.iter().map(|(key, _)| key.clone())).collect();
         let mut locks = self.lock_keys(commit.tenant, &touched, &record_key).await?;
         match self.commit_locked(&record_key, &commit, &mut locks).await {
-            Ok(applied) => {
+            Ok((done, applied)) => {
                 if applied {
-                    self.unlock(locks).await;
+                    self.unlock_soon(locks);
                 } else {
                     // Committed, not applied: the locks stay until they
                     // expire, and the next holder rolls the writes forward.
                     tracing::warn!(event = %commit.claim.key, "state writes committed but not yet applied; the next commit on their keys applies them");
                 }
-                Ok(self.remember_outbox(&record_key, commit.outbox))
+                Ok(self.remember_outbox(&record_key, &done, commit.outbox, false))
             }
             Err(error) => {
                 self.unlock(locks).await;
@@ -85,9 +85,10 @@ impl DaprStore {
         Ok(etag)
     }
 
-    /// Validates, commits and applies under the keys' locks. `Ok(false)`:
-    /// committed, but the writes could not be applied (yet).
-    async fn commit_locked(&self, record_key: &str, commit: &Commit<'_>, locks: &mut HeldLocks) -> Result<bool, StoreError> {
+    /// Validates, commits and applies under the keys' locks: the done
+    /// record written, and whether the writes were applied (`false`:
+    /// committed, but not applied yet).
+    async fn commit_locked(&self, record_key: &str, commit: &Commit<'_>, locks: &mut HeldLocks) -> Result<(Record, bool), StoreError> {
         let writes = CommittedWrites::of(commit.tenant, commit.state_writes);
         let read_keys: Vec<String> = commit.reads.iter().map(|(key, _)| keys::dapr_state_key(commit.tenant, key)).collect();
         let written_keys = writes.as_ref().map(CommittedWrites::store_keys).unwrap_or_default();
@@ -120,28 +121,28 @@ impl DaprStore {
             }
         }
         crate::faults::pause("before-commit", &commit.claim.key).await;
-        self.write_done(record_key, commit, writes.clone(), etag_of(record_key)).await?;
-        let Some(writes) = writes else { return Ok(true) };
+        let done = self.write_done(record_key, commit, writes.clone(), etag_of(record_key)).await?;
+        let Some(writes) = writes else { return Ok((done, true)) };
         let etags: Vec<Option<String>> = written_keys.iter().map(|key| etag_of(key)).collect();
         match self.apply(&writes, &etags).await {
-            Ok(()) => Ok(true),
+            Ok(()) => Ok((done, true)),
             Err(error) => {
                 tracing::warn!(event = %commit.claim.key, %error, "applying committed state writes failed");
-                Ok(false)
+                Ok((done, false))
             }
         }
     }
 
-    /// The commit point: the claim record becomes the done record, if its
-    /// ETag is still `claim_etag`.
-    async fn write_done(&self, record_key: &str, commit: &Commit<'_>, writes: Option<CommittedWrites>, claim_etag: Option<String>) -> Result<(), StoreError> {
+    /// The commit point: the claim record becomes the done record (returned),
+    /// if its ETag is still `claim_etag`.
+    async fn write_done(&self, record_key: &str, commit: &Commit<'_>, writes: Option<CommittedWrites>, claim_etag: Option<String>) -> Result<Record, StoreError> {
         let record = Record::Done { kind: commit.completion.into(), expires_ms: clock::after_ms(self.clock.now_ms(), commit.ttl) };
         let done = StoredClaim { record, outbox: commit.outbox.to_vec(), writes };
         let item = StateItem::json(record_key.to_owned(), &done).first_write(claim_etag).ttl(commit.ttl);
-        let Err(error) = self.sidecar.save_state(&self.store_name, vec![item]).await else { return Ok(()) };
+        let Err(error) = self.sidecar.save_state(&self.store_name, vec![item]).await else { return Ok(done.record) };
         // Refused (someone took the claim over) or lost on the way?
         match self.load(record_key).await {
-            Ok(Some((now_stored, _))) if now_stored.record == done.record => Ok(()),
+            Ok(Some((now_stored, _))) if now_stored.record == done.record => Ok(done.record),
             Ok(Some((now_stored, _))) if !claim::owns(Some(&now_stored.record), commit.claim) => Err(StoreError::ClaimLost(commit.claim.key.clone())),
             Ok(None) => Err(StoreError::ClaimLost(commit.claim.key.clone())),
             _ => Err(unavailable(error)),

@@ -28,7 +28,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use super::{DaprStore, unavailable};
 use crate::clock;
-use crate::sidecar::{Operation, StateItem};
+use crate::sidecar::{Operation, Sidecar, StateItem};
 use crate::store::StoreError;
 use crate::store::claim;
 use crate::store::keys;
@@ -200,30 +200,42 @@ impl DaprStore {
     /// Gives the locks back (those still ours), in one call when their
     /// ETags are known.
     pub(super) async fn unlock(&self, held: HeldLocks) {
-        let mut deletes = Vec::new();
-        for lock in &held.0 {
-            match &lock.etag {
-                Some(etag) => deletes.push(Operation::delete_if(lock.record.clone(), etag.clone())),
-                None => {
-                    if let Some(etag) = self.current_etag_if_ours(lock).await {
-                        deletes.push(Operation::delete_if(lock.record.clone(), etag));
-                    }
+        give_back(self.sidecar.clone(), self.store_name.clone(), held).await;
+    }
+
+    /// Gives the locks of an applied commit back without waiting: nothing
+    /// the event's answer depends on is left, and this host's next commit
+    /// on those keys waits for its turn, which the locks keep until they
+    /// are given back.
+    pub(super) fn unlock_soon(&self, held: HeldLocks) {
+        tokio::spawn(give_back(self.sidecar.clone(), self.store_name.clone(), held));
+    }
+}
+
+async fn give_back(sidecar: Sidecar, store: String, held: HeldLocks) {
+    let mut deletes = Vec::new();
+    for lock in &held.0 {
+        match &lock.etag {
+            Some(etag) => deletes.push(Operation::delete_if(lock.record.clone(), etag.clone())),
+            None => {
+                if let Some(etag) = current_etag_if_ours(&sidecar, &store, lock).await {
+                    deletes.push(Operation::delete_if(lock.record.clone(), etag));
                 }
             }
         }
-        if deletes.is_empty() {
-            return;
-        }
-        if let Err(error) = self.sidecar.transaction(&self.store_name, deletes).await {
-            // Those still ours expire with their lease; the next commit on
-            // their keys waits that long.
-            tracing::warn!(%error, "could not give state key locks back; they expire with their lease");
-        }
     }
+    if deletes.is_empty() {
+        return;
+    }
+    if let Err(error) = sidecar.transaction(&store, deletes).await {
+        // Those still ours expire with their lease; the next commit on
+        // their keys waits that long.
+        tracing::warn!(%error, "could not give state key locks back; they expire with their lease");
+    }
+}
 
-    async fn current_etag_if_ours(&self, lock: &KeyLock) -> Option<String> {
-        let (raw, etag) = self.sidecar.get_state(&self.store_name, &lock.record).await.ok()??;
-        let record: LockRecord = serde_json::from_str(raw.get()).ok()?;
-        (record.token == lock.token).then_some(etag).flatten()
-    }
+async fn current_etag_if_ours(sidecar: &Sidecar, store: &str, lock: &KeyLock) -> Option<String> {
+    let (raw, etag) = sidecar.get_state(store, &lock.record).await.ok()??;
+    let record: LockRecord = serde_json::from_str(raw.get()).ok()?;
+    (record.token == lock.token).then_some(etag).flatten()
 }

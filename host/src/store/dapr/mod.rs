@@ -14,11 +14,10 @@
 //! - Dapr's state API cannot list keys, so the outbox travels inside the
 //!   done record: the pipeline publishes it right after the commit, and a
 //!   redelivery that finds a done record with unpublished entries publishes
-//!   them before it is acknowledged. Entries keep stable CloudEvent ids.
-//!   Once published, the record is rewritten without them, in the
-//!   background and many records at a time ([`published`]). That rewrite
-//!   needs the record's ETag (a key created with first-write concurrency
-//!   accepts no write without one on Redis), so it costs a read too.
+//!   them before it is acknowledged, unless this host remembers publishing
+//!   them. Entries keep stable CloudEvent ids. A redelivery then has the
+//!   record rewritten without them, in the background and many records at a
+//!   time ([`published`]); an event never redelivered pays no rewrite.
 //! - Tenant state lives under [`keys::dapr_state_key`].
 
 mod commit;
@@ -26,7 +25,7 @@ mod key_locks;
 mod published;
 mod values;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -75,8 +74,10 @@ pub struct DaprStore {
 struct Pending {
     next_id: OutboxId,
     entries: BTreeMap<OutboxId, (String, OutboundMessage)>,
-    /// Claim keys with pending entries.
-    keys: HashSet<String>,
+    /// Claim keys with pending entries: the done record they belong to, and
+    /// whether a redelivery found them (then the record is cleared once
+    /// they are out).
+    keys: HashMap<String, (Record, bool)>,
 }
 
 fn unavailable(error: SidecarError) -> StoreError {
@@ -104,12 +105,15 @@ impl DaprStore {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a done record's outbox for publishing (once per process).
-    fn remember_outbox(&self, key: &str, outbox: &[OutboundMessage]) -> Vec<OutboxId> {
+    /// Queues the outbox of `key`'s done record `done` for publishing (once
+    /// per process); `redelivered`: a redelivery found it (see [`published`]).
+    fn remember_outbox(&self, key: &str, done: &Record, outbox: &[OutboundMessage], redelivered: bool) -> Vec<OutboxId> {
         let mut pending = self.pending();
-        if !pending.keys.insert(key.to_owned()) {
+        if let Some((_, found_by_redelivery)) = pending.keys.get_mut(key) {
+            *found_by_redelivery |= redelivered;
             return Vec::new(); // already queued by this process
         }
+        pending.keys.insert(key.to_owned(), (done.clone(), redelivered));
         let mut ids = Vec::with_capacity(outbox.len());
         for message in outbox {
             let id = pending.next_id;
@@ -158,8 +162,15 @@ impl DaprStore {
         if let Claim::AlreadyDone(_) = answer
             && !stored.outbox.is_empty()
         {
-            // Committed but maybe never published (the last holder died).
-            self.remember_outbox(&record_key, &stored.outbox);
+            if self.published.published_here(&record_key, &stored.record) {
+                // A redelivery of an event this host finished: clear the
+                // record, so no replica publishes its outbox again.
+                self.published.clear(record_key);
+                return Ok(answer);
+            }
+            // Committed but maybe never published (the last holder died,
+            // or another replica, or this host before a restart).
+            self.remember_outbox(&record_key, &stored.record, &stored.outbox, true);
             return Ok(Claim::DonePublishPending);
         }
         let Some(record) = record else { return Ok(answer) };
@@ -261,12 +272,11 @@ impl DeliveryStore for DaprStore {
             if pending.entries.values().any(|(k, _)| *k == key) {
                 None
             } else {
-                pending.keys.remove(&key);
-                Some(key)
+                pending.keys.remove(&key).map(|(done, redelivered)| (key, done, redelivered))
             }
         };
-        if let Some(key) = finished {
-            self.published.mark(key);
+        if let Some((key, done, redelivered)) = finished {
+            self.published.published(key, done, redelivered);
         }
         Ok(())
     }

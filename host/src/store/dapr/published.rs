@@ -1,18 +1,25 @@
-//! Marking done records' outboxes as published, in the background and many
-//! at a time.
+//! What happens once a done record's outbox is published.
 //!
-//! Once every publish of a committed event is out, its done record is
-//! rewritten without the outbox, so that a redelivery of the event is
-//! acknowledged without publishing again. Nobody waits for that rewrite (the
-//! event was answered already), so instead of a read and a save per event,
-//! the records finished within `GATHER` are read in one bulk read and
-//! rewritten in one save. A rewrite that never happens (the host stopped,
-//! the sidecar was down) costs only a republish, with the same CloudEvent
-//! ids, if the event is ever redelivered.
+//! A done record keeps its outbox after the publishes are out: clearing it
+//! would cost every event a read and a write (on Redis, a Lua script of
+//! five to seven commands) for the sake of the rare redelivery of an event
+//! already done. Instead this host remembers, in a bounded memory, which
+//! records it published ([`PublishedMarks::published_here`]), and a
+//! redelivery is what clears a record: one that finds a done record with an
+//! outbox is acknowledged at once if this host published it, and has it
+//! published first (same CloudEvent ids) if not (another replica's event,
+//! or one from before a restart); either way the record is then rewritten
+//! without its outbox, so no later redelivery, on any replica, publishes it
+//! again. Those rewrites gather for `GATHER` and go out as one bulk read and
+//! one save. A rewrite that never happens (the host stopped, the sidecar
+//! was down) costs only a republish with the same ids, which consumers
+//! dedupe.
 
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use lru::LruCache;
 use tokio::sync::mpsc;
 
 use super::StoredClaim;
@@ -26,9 +33,17 @@ use crate::store::claim::Record;
 const GATHER: Duration = Duration::from_millis(50);
 /// Records rewritten per round at most (bounds the bulk read and the save).
 const MAX_RECORDS: usize = 256;
+/// Records this host remembers having published (about 100 bytes each).
+/// Past it the oldest are forgotten: a redelivery of one of those is
+/// published again, as after a restart.
+const REMEMBERED: NonZeroUsize = NonZeroUsize::new(100_000).expect("not zero");
 
-/// The queue of done records whose outbox is out.
+/// The done records whose outbox this host published, and the queue of
+/// those to rewrite without it.
 pub(super) struct PublishedMarks {
+    /// Claim record keys and the done record published (an event run again
+    /// once its record expired has a new one), most recent last.
+    here: Mutex<LruCache<String, Record>>,
     queue: mpsc::UnboundedSender<String>,
     /// Started by the first record, inside the runtime.
     idle: Mutex<Option<Rewriter>>,
@@ -45,11 +60,31 @@ struct Rewriter {
 impl PublishedMarks {
     pub(super) fn new(sidecar: Sidecar, store: String, clock: SharedClock) -> Self {
         let (queue, records) = mpsc::unbounded_channel();
-        Self { queue, idle: Mutex::new(Some(Rewriter { records, sidecar, store, clock })) }
+        Self { here: Mutex::new(LruCache::new(REMEMBERED)), queue, idle: Mutex::new(Some(Rewriter { records, sidecar, store, clock })) }
     }
 
-    /// `record_key`'s outbox is all published: clear it soon.
-    pub(super) fn mark(&self, record_key: String) {
+    fn here(&self) -> std::sync::MutexGuard<'_, LruCache<String, Record>> {
+        self.here.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The outbox of `record_key`'s done record `done` is all published by
+    /// this host. `redelivered`: a redelivery found it unpublished, so clear
+    /// the record now.
+    pub(super) fn published(&self, record_key: String, done: Record, redelivered: bool) {
+        self.here().put(record_key.clone(), done);
+        if redelivered {
+            self.clear(record_key);
+        }
+    }
+
+    /// Whether this host published the outbox of `record_key`'s done record
+    /// `done` (as far as it remembers).
+    pub(super) fn published_here(&self, record_key: &str, done: &Record) -> bool {
+        self.here().peek(record_key) == Some(done)
+    }
+
+    /// Rewrites `record_key` without its outbox, soon.
+    pub(super) fn clear(&self, record_key: String) {
         if let Some(rewriter) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take() {
             tokio::spawn(rewrite_in_rounds(rewriter));
         }
