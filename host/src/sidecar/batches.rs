@@ -16,8 +16,10 @@
 //!
 //! - reads: one bulk GET per state store (a lone key: a plain GET);
 //! - saves: one save request with every call's items;
-//! - transactions: one transaction with every call's operations (commits
-//!   on one key never overlap: they hold its commit lock);
+//! - transactions: one transaction with every call's operations (state
+//!   writes on one key never overlap: they hold its commit lock; two done
+//!   records for one event can meet only in a takeover race, where at most
+//!   one ETag check passes and the re-sent calls sort out who won);
 //! - publishes: one bulk publish per topic; entries Dapr reports as failed
 //!   are published again one by one.
 
