@@ -28,7 +28,7 @@ fn acquired(claim: Claim) -> ClaimToken {
 }
 
 fn message(topic: &str) -> OutboundMessage {
-    OutboundMessage { pubsub: "pubsub".into(), topic: topic.into(), event: json!({"id": topic}).as_object().unwrap().clone(), origin: None }
+    OutboundMessage { pubsub: "pubsub".into(), topic: topic.into(), event: json!({"id": topic}).as_object().unwrap().clone().into(), origin: None }
 }
 
 fn commit<'a>(claim: &'a ClaimToken, tenant: &'a str, writes: &'a [(String, Option<Vec<u8>>)], outbox: &'a [OutboundMessage]) -> Commit<'a> {

@@ -42,7 +42,7 @@ impl Pipeline {
             .map(|(index, publish)| {
                 let mut event = CloudEvent::new_outgoing(outgoing_id(&token.key, index), &source, &publish.topic, &publish.data, &publish.content_type);
                 trace.write_into(&mut event);
-                OutboundMessage { pubsub: handler.config.pubsub.clone(), event, topic: publish.topic, origin: Some(handler.tenant.name.to_string()) }
+                OutboundMessage { pubsub: handler.config.pubsub.clone(), event: event.into(), topic: publish.topic, origin: Some(handler.tenant.name.to_string()) }
             })
             .collect();
         if let Err(reason) = self.flow.admit(&handler.tenant, outbox.len()) {

@@ -63,7 +63,7 @@ impl DeadLetter {
         event.insert("wasmsubversion".into(), self.handler_version.clone().into());
         event.insert("wasmsubtopic".into(), self.topic.clone().into());
         event.insert("wasmsubdeadletteredat".into(), self.at.clone().into());
-        OutboundMessage { pubsub: pubsub.to_owned(), topic: self.dead_letter_topic.clone(), event, origin: Some(self.tenant.clone()) }
+        OutboundMessage { pubsub: pubsub.to_owned(), topic: self.dead_letter_topic.clone(), event: event.into(), origin: Some(self.tenant.clone()) }
     }
 }
 

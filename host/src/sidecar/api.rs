@@ -86,18 +86,17 @@ impl Api {
         struct Failed {
             entry_id: String,
         }
-        let entries: Vec<Value> = events
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Entry<'a> {
+            entry_id: String,
+            event: WithTraceId<'a>,
+            content_type: &'static str,
+        }
+        let entries: Vec<Entry> = events
             .iter()
             .enumerate()
-            .map(|(index, event)| {
-                // Dapr keeps an event's trace context only if it has a
-                // `traceid` too; without one it stamps the bulk request's.
-                let mut event = (*event).clone();
-                if let Some(parent) = event.get("traceparent").cloned() {
-                    event.entry("traceid").or_insert(parent);
-                }
-                serde_json::json!({ "entryId": index.to_string(), "event": event, "contentType": CLOUDEVENTS_JSON })
-            })
+            .map(|(index, event)| Entry { entry_id: index.to_string(), event: WithTraceId(event), content_type: CLOUDEVENTS_JSON })
             .collect();
         let url = self.publish_url(pubsub, topic, true);
         let request = self.http.post(&url).json(&entries);
@@ -186,5 +185,45 @@ impl Api {
         let url = format!("{}/v1.0/state/{}/transaction", self.base, path_segment(store));
         let request = self.http.post(&url).json(&Body { operations });
         self.send(url, request).await.map(drop)
+    }
+}
+
+/// An event as a bulk publish entry carries it: Dapr keeps an entry's trace
+/// context only if it has a `traceid` too (without one it stamps the bulk
+/// request's), so one equal to its `traceparent` is added when missing,
+/// while the event is written, without copying it.
+struct WithTraceId<'a>(&'a Map<String, Value>);
+
+impl serde::Serialize for WithTraceId<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let event = self.0;
+        let traceid = event.get("traceparent").filter(|_| !event.contains_key("traceid"));
+        let mut map = serializer.serialize_map(Some(event.len() + usize::from(traceid.is_some())))?;
+        for (name, value) in event {
+            map.serialize_entry(name, value)?;
+        }
+        if let Some(parent) = traceid {
+            map.serialize_entry("traceid", parent)?;
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::WithTraceId;
+
+    #[test]
+    fn a_bulk_entry_gets_its_traceparent_as_traceid_unless_it_has_one() {
+        let event = json!({"id": "e1", "traceparent": "00-aa-bb-01"});
+        let written = serde_json::to_value(WithTraceId(event.as_object().unwrap())).unwrap();
+        assert_eq!(written, json!({"id": "e1", "traceparent": "00-aa-bb-01", "traceid": "00-aa-bb-01"}));
+        let own = json!({"id": "e2", "traceparent": "00-aa-bb-01", "traceid": "00-cc-dd-01"});
+        assert_eq!(serde_json::to_value(WithTraceId(own.as_object().unwrap())).unwrap(), own);
+        let untraced = json!({"id": "e3"});
+        assert_eq!(serde_json::to_value(WithTraceId(untraced.as_object().unwrap())).unwrap(), untraced);
     }
 }

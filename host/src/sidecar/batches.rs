@@ -62,7 +62,7 @@ struct TransactionCall {
 struct PublishCall {
     pubsub: String,
     topic: String,
-    event: Map<String, Value>,
+    event: Arc<Map<String, Value>>,
 }
 
 type Done = Result<(), SidecarError>;
@@ -110,8 +110,8 @@ impl Batches {
         }
     }
 
-    pub(super) async fn publish(&self, pubsub: &str, topic: &str, event: &Map<String, Value>) -> Done {
-        let call = PublishCall { pubsub: pubsub.to_owned(), topic: topic.to_owned(), event: event.clone() };
+    pub(super) async fn publish(&self, pubsub: &str, topic: &str, event: Arc<Map<String, Value>>) -> Done {
+        let call = PublishCall { pubsub: pubsub.to_owned(), topic: topic.to_owned(), event };
         match self.publishes.call(call).await {
             Ok(answer) => answer,
             Err(Dropped) => Err(SidecarError::Interrupted { what: "publish" }),
@@ -277,7 +277,7 @@ async fn run_publishes(api: Api, calls: Vec<PublishCall>) -> Vec<Done> {
             out[only] = Some(api.publish(pubsub, topic, &calls[only].event).await);
             continue;
         }
-        let events: Vec<&Map<String, Value>> = group.iter().map(|&i| &calls[i].event).collect();
+        let events: Vec<&Map<String, Value>> = group.iter().map(|&i| &*calls[i].event).collect();
         // Entries Dapr did not publish (or all, when it did not say) go out
         // again one by one; an entry published twice keeps its CloudEvent
         // id, which consumers dedupe on, as after any lost answer.

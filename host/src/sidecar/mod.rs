@@ -189,7 +189,7 @@ impl Sidecar {
     }
 
     /// Publishes `event` (a structured CloudEvent) to `topic` of `pubsub`.
-    pub async fn publish_event(&self, pubsub: &str, topic: &str, event: &Map<String, Value>) -> Result<(), SidecarError> {
+    pub async fn publish_event(&self, pubsub: &str, topic: &str, event: Arc<Map<String, Value>>) -> Result<(), SidecarError> {
         self.batches.publish(pubsub, topic, event).await
     }
 
@@ -244,7 +244,7 @@ pub fn path_segment(key: &str) -> String {
 #[async_trait]
 impl Publisher for Sidecar {
     async fn publish(&self, message: &OutboundMessage) -> anyhow::Result<()> {
-        Ok(self.publish_event(&message.pubsub, &message.topic, &message.event).await?)
+        Ok(self.publish_event(&message.pubsub, &message.topic, message.event.clone()).await?)
     }
 }
 

@@ -130,7 +130,7 @@ impl Publisher for EmbeddedBroker {
         let queued = QueuedMessage {
             pubsub: message.pubsub.clone(),
             topic: message.topic.clone(),
-            body: Bytes::from(Value::Object(message.event.clone()).to_string()),
+            body: Bytes::from(serde_json::to_vec(&*message.event).expect("a JSON object always serialises")),
             content_type: Some(CLOUDEVENTS_JSON.to_owned()),
             origin: message.origin.clone(),
         };

@@ -30,7 +30,6 @@ use anyhow::Context;
 use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{ReadableDatabase, ReadableTable};
-use serde_json::Value;
 
 use super::claim::{self, Claim, ClaimToken, Record};
 use super::{
@@ -191,7 +190,7 @@ fn queued(message: &OutboundMessage) -> QueuedMessage {
     QueuedMessage {
         pubsub: message.pubsub.clone(),
         topic: message.topic.clone(),
-        body: Bytes::from(Value::Object(message.event.clone()).to_string()),
+        body: Bytes::from(serde_json::to_vec(&*message.event).expect("a JSON object always serialises")),
         content_type: Some(CLOUDEVENTS_JSON.to_owned()),
         origin: message.origin.clone(),
     }
