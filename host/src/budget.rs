@@ -43,7 +43,7 @@ pub struct MemoryBudget {
     pub deliveries: u64,
     /// The embedded broker's queue: its index, and its bodies when it is in memory.
     pub queue: u64,
-    /// The embedded store's page cache.
+    /// The embedded store's page cache, or what the Dapr store remembers.
     pub store_cache: u64,
     /// The sum.
     pub total: u64,
@@ -57,7 +57,7 @@ pub struct BudgetInputs<'a> {
     pub max_in_flight: usize,
     /// Queue bounds and whether its bodies are in memory, if there is a queue.
     pub queue: Option<(crate::store::QueueLimits, bool)>,
-    /// The store's page cache.
+    /// The store's page cache (embedded) or memory (Dapr).
     pub store_cache_bytes: usize,
 }
 

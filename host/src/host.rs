@@ -221,7 +221,11 @@ impl Host {
             engine: &engine_config,
             max_in_flight,
             queue: embedded.as_ref().map(|(_, _, durable)| (options.queue_limits, !durable)),
-            store_cache_bytes: if embedded.as_ref().is_some_and(|(_, _, durable)| *durable) { options.store_cache_bytes } else { 0 },
+            store_cache_bytes: match (&embedded, &sidecar) {
+                (Some((_, _, true)), _) => options.store_cache_bytes,
+                (_, Some(_)) => DaprStore::MEMORY_BYTES,
+                _ => 0,
+            },
         }));
         tracing::info!(bound = %budget, "memory bound from the configuration");
         let health = HealthState {

@@ -86,6 +86,10 @@ fn unavailable(error: SidecarError) -> StoreError {
 
 
 impl DaprStore {
+    /// The memory this store keeps besides what is in flight: which done
+    /// records this host published ([`published`]).
+    pub const MEMORY_BYTES: usize = published::REMEMBERED_BYTES;
+
     /// The store `store_name` (a Dapr state component) behind `sidecar`.
     pub fn new(sidecar: Sidecar, store_name: &str, clock: SharedClock) -> Self {
         let published = PublishedMarks::new(sidecar.clone(), store_name.to_owned(), clock.clone());

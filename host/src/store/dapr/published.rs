@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use lru::LruCache;
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::StoredClaim;
@@ -33,17 +34,25 @@ use crate::store::claim::Record;
 const GATHER: Duration = Duration::from_millis(50);
 /// Records rewritten per round at most (bounds the bulk read and the save).
 const MAX_RECORDS: usize = 256;
-/// Records this host remembers having published (about 100 bytes each).
-/// Past it the oldest are forgotten: a redelivery of one of those is
-/// published again, as after a restart.
-const REMEMBERED: NonZeroUsize = NonZeroUsize::new(100_000).expect("not zero");
+/// Records this host remembers having published: a minute of 500 events/s,
+/// longer than the redelivery timeouts brokers use. Past it the oldest are
+/// forgotten: a redelivery of one of those is published again, as after a
+/// restart.
+const REMEMBERED: NonZeroUsize = NonZeroUsize::new(32_768).expect("not zero");
+/// What one remembered record costs at most: the sha256 of its key (event
+/// ids are the producers' and may be long), its done record, and the
+/// cache's links and hash slot.
+const BYTES_PER_RECORD: usize = 128;
+/// The memory the remembered records may take (counted in the host's
+/// memory bound, `budget.rs`).
+pub(super) const REMEMBERED_BYTES: usize = REMEMBERED.get() * BYTES_PER_RECORD;
 
 /// The done records whose outbox this host published, and the queue of
 /// those to rewrite without it.
 pub(super) struct PublishedMarks {
-    /// Claim record keys and the done record published (an event run again
-    /// once its record expired has a new one), most recent last.
-    here: Mutex<LruCache<String, Record>>,
+    /// Claim record keys (hashed) and the done record published (an event
+    /// run again once its record expired has a new one), most recent last.
+    here: Mutex<LruCache<[u8; 32], Record>>,
     queue: mpsc::UnboundedSender<String>,
     /// Started by the first record, inside the runtime.
     idle: Mutex<Option<Rewriter>>,
@@ -63,7 +72,7 @@ impl PublishedMarks {
         Self { here: Mutex::new(LruCache::new(REMEMBERED)), queue, idle: Mutex::new(Some(Rewriter { records, sidecar, store, clock })) }
     }
 
-    fn here(&self) -> std::sync::MutexGuard<'_, LruCache<String, Record>> {
+    fn here(&self) -> std::sync::MutexGuard<'_, LruCache<[u8; 32], Record>> {
         self.here.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -71,7 +80,7 @@ impl PublishedMarks {
     /// this host. `redelivered`: a redelivery found it unpublished, so clear
     /// the record now.
     pub(super) fn published(&self, record_key: String, done: Record, redelivered: bool) {
-        self.here().put(record_key.clone(), done);
+        self.here().put(Sha256::digest(&record_key).into(), done);
         if redelivered {
             self.clear(record_key);
         }
@@ -80,7 +89,7 @@ impl PublishedMarks {
     /// Whether this host published the outbox of `record_key`'s done record
     /// `done` (as far as it remembers).
     pub(super) fn published_here(&self, record_key: &str, done: &Record) -> bool {
-        self.here().peek(record_key) == Some(done)
+        self.here().peek(&<[u8; 32]>::from(Sha256::digest(record_key))) == Some(done)
     }
 
     /// Rewrites `record_key` without its outbox, soon.
