@@ -112,6 +112,11 @@ impl DaprStore {
     /// Queues the outbox of `key`'s done record `done` for publishing (once
     /// per process); `redelivered`: a redelivery found it (see [`published`]).
     fn remember_outbox(&self, key: &str, done: &Record, outbox: &[OutboundMessage], redelivered: bool) -> Vec<OutboxId> {
+        if outbox.is_empty() {
+            // Nothing to publish, and nothing to remember: a key queued
+            // without entries would never be taken off the queue.
+            return Vec::new();
+        }
         let mut pending = self.pending();
         if let Some((_, found_by_redelivery)) = pending.keys.get_mut(key) {
             *found_by_redelivery |= redelivered;
