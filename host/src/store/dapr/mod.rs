@@ -74,10 +74,18 @@ pub struct DaprStore {
 struct Pending {
     next_id: OutboxId,
     entries: BTreeMap<OutboxId, (String, OutboundMessage)>,
-    /// Claim keys with pending entries: the done record they belong to, and
-    /// whether a redelivery found them (then the record is cleared once
-    /// they are out).
-    keys: HashMap<String, (Record, bool)>,
+    /// Claim keys with pending entries.
+    keys: HashMap<String, PendingRecord>,
+}
+
+/// A done record whose outbox entries are not all published yet.
+struct PendingRecord {
+    /// The done record they belong to (what [`published`] remembers).
+    done: Record,
+    /// A redelivery found them: the record is cleared once they are out.
+    redelivered: bool,
+    /// Entries still in [`Pending::entries`].
+    unpublished: usize,
 }
 
 fn unavailable(error: SidecarError) -> StoreError {
@@ -118,11 +126,11 @@ impl DaprStore {
             return Vec::new();
         }
         let mut pending = self.pending();
-        if let Some((_, found_by_redelivery)) = pending.keys.get_mut(key) {
-            *found_by_redelivery |= redelivered;
+        if let Some(record) = pending.keys.get_mut(key) {
+            record.redelivered |= redelivered;
             return Vec::new(); // already queued by this process
         }
-        pending.keys.insert(key.to_owned(), (done.clone(), redelivered));
+        pending.keys.insert(key.to_owned(), PendingRecord { done: done.clone(), redelivered, unpublished: outbox.len() });
         let mut ids = Vec::with_capacity(outbox.len());
         for message in outbox {
             let id = pending.next_id;
@@ -278,14 +286,16 @@ impl DeliveryStore for DaprStore {
         let finished = {
             let mut pending = self.pending();
             let Some((key, _)) = pending.entries.remove(&id) else { return Ok(()) };
-            if pending.entries.values().any(|(k, _)| *k == key) {
+            let record = pending.keys.get_mut(&key).expect("every pending entry's key is queued");
+            record.unpublished -= 1;
+            if record.unpublished > 0 {
                 None
             } else {
-                pending.keys.remove(&key).map(|(done, redelivered)| (key, done, redelivered))
+                pending.keys.remove(&key).map(|record| (key, record))
             }
         };
-        if let Some((key, done, redelivered)) = finished {
-            self.published.published(key, done, redelivered);
+        if let Some((key, record)) = finished {
+            self.published.published(key, record.done, record.redelivered);
         }
         Ok(())
     }

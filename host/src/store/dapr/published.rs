@@ -80,7 +80,7 @@ impl PublishedMarks {
     /// this host. `redelivered`: a redelivery found it unpublished, so clear
     /// the record now.
     pub(super) fn published(&self, record_key: String, done: Record, redelivered: bool) {
-        self.here().put(Sha256::digest(&record_key).into(), done);
+        self.here().put(fingerprint(&record_key), done);
         if redelivered {
             self.clear(record_key);
         }
@@ -89,7 +89,7 @@ impl PublishedMarks {
     /// Whether this host published the outbox of `record_key`'s done record
     /// `done` (as far as it remembers).
     pub(super) fn published_here(&self, record_key: &str, done: &Record) -> bool {
-        self.here().peek(&<[u8; 32]>::from(Sha256::digest(record_key))) == Some(done)
+        self.here().peek(&fingerprint(record_key)) == Some(done)
     }
 
     /// Rewrites `record_key` without its outbox, soon.
@@ -99,6 +99,12 @@ impl PublishedMarks {
         }
         let _ = self.queue.send(record_key);
     }
+}
+
+/// What the memory keeps of a claim record key: its sha256, so an entry's
+/// size does not depend on the producer's event id.
+fn fingerprint(record_key: &str) -> [u8; 32] {
+    Sha256::digest(record_key).into()
 }
 
 async fn rewrite_in_rounds(Rewriter { mut records, sidecar, store, clock }: Rewriter) {
