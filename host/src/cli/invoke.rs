@@ -416,7 +416,7 @@ mod tests {
     fn data_is_wrapped_and_a_cloudevent_is_taken_as_it_is() {
         let wrapped = event_from(br#"{"id": 7}"#, "test", None).unwrap();
         assert_eq!((wrapped.ty.as_str(), wrapped.source.as_str(), wrapped.topic.as_str()), ("com.dapr.event.sent", "wasmsub/invoke", DEFAULT_TOPIC));
-        assert_eq!(wrapped.data_json, Some(json!({"id": 7})));
+        assert_eq!(wrapped.data_json(), Some(json!({"id": 7})));
         assert_ne!(wrapped.id, event_from(br#"{"id": 7}"#, "test", None).unwrap().id);
 
         let structured = br#"{"specversion":"1.0","id":"e-1","source":"s","type":"t","topic":"orders","data":[1]}"#;

@@ -38,7 +38,8 @@ pub fn event_id(event: &CloudEvent, mode: IdMode) -> Result<String, IdError> {
     match mode {
         IdMode::CloudeventId => Ok(event.id.clone()),
         IdMode::Content => {
-            let data_id = event.data_json.as_ref().and_then(|d| d.get("id")).ok_or(IdError::NoDataId)?;
+            let data_id = event.data_json();
+            let data_id = data_id.as_ref().and_then(|d| d.get("id")).ok_or(IdError::NoDataId)?;
             let time = event.time.as_deref().ok_or(IdError::NoTime)?;
             Ok(background_content_id(&event.ty, data_id, time))
         }
@@ -83,7 +84,7 @@ mod tests {
     fn content_mode_needs_data_id_and_time() {
         let body = json!({"id": "e", "source": "s", "type": "task-created", "specversion": "1.0",
                           "time": "2026-11-26T10:00:00Z", "data": {"id": 42}});
-        let event = CloudEvent::parse(body.to_string().as_bytes(), "p", "t").unwrap();
+        let event = CloudEvent::parse(&bytes::Bytes::from(body.to_string()), "p", "t").unwrap();
         assert_eq!(event_id(&event, IdMode::CloudeventId).unwrap(), "e");
         assert_eq!(event_id(&event, IdMode::Content).unwrap(), "9297e74394d895cb3b8e27fc8a37304986203cbc40c26b7594b01eafc436415f");
 
@@ -91,7 +92,7 @@ mod tests {
         no_time.time = None;
         assert_eq!(event_id(&no_time, IdMode::Content), Err(IdError::NoTime));
         let mut no_data = event;
-        no_data.data_json = Some(json!([1, 2]));
+        no_data.data = b"[1, 2]".to_vec();
         assert_eq!(event_id(&no_data, IdMode::Content), Err(IdError::NoDataId));
     }
 }

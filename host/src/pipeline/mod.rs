@@ -226,7 +226,7 @@ impl Pipeline {
                     Ok(_probe) => self.claim_and_run(&mut flight, event).await,
                     Err(reason) => Outcome::Throttled { reason },
                 },
-                Err(error) => self.dead_letter_unclaimed(&flight, &event.original, error.to_string()).await,
+                Err(error) => self.dead_letter_unclaimed(&flight, &event.original_object(), error.to_string()).await,
             };
             self.report(&flight, outcome)
         }
@@ -272,14 +272,14 @@ impl Pipeline {
                     }
                 },
                 AttemptResult::GuestDrop(reason) => {
-                    return self.dead_letter(flight, &token, &event.original, format!("dropped by handler: {reason}"), attempt).await;
+                    return self.dead_letter(flight, &token, &event.original_object(), format!("dropped by handler: {reason}"), attempt).await;
                 }
                 AttemptResult::Infrastructure(reason) => return self.defer(&token, reason).await,
                 AttemptResult::GuestRetry(reason) | AttemptResult::Trapped { reason, .. } => reason,
             };
             drop(slot);
             if !policy.has_attempt_after(attempt) {
-                return self.dead_letter(flight, &token, &event.original, reason, attempt).await;
+                return self.dead_letter(flight, &token, &event.original_object(), reason, attempt).await;
             }
             let delay = policy.next_delay_jittered(attempt, rand::random());
             HandlerCounts::add(&handler.counts.retries);

@@ -8,7 +8,6 @@
 //! (and not parsed at all when it is over every recipient's limit).
 
 use bytes::Bytes;
-use serde_json::{Map, Value};
 
 use crate::cloudevent::{CLOUDEVENTS_JSON, CloudEvent, MalformedEvent, is_json_media_type};
 
@@ -17,12 +16,12 @@ use crate::cloudevent::{CLOUDEVENTS_JSON, CloudEvent, MalformedEvent, is_json_me
 pub enum Payload {
     /// Bytes as they arrived (an HTTP body, a bulk entry, a queued message).
     Bytes(Bytes),
-    /// An envelope a transport already holds as JSON (a streaming
-    /// subscription's event), with the size of its payload: parsing it
-    /// again from text would be wasted work.
+    /// An envelope a transport built itself from an event that came in
+    /// fields (a streaming subscription's), with the size of its payload:
+    /// the limits apply to what the producer sent, not to the wrapping.
     Envelope {
-        /// The CloudEvent's attributes and data.
-        event: Map<String, Value>,
+        /// The structured CloudEvent's JSON text.
+        json: Bytes,
         /// Bytes of the event's data, for size limits.
         size: usize,
     },
@@ -46,7 +45,7 @@ impl Payload {
     pub fn to_bytes(&self) -> Bytes {
         match self {
             Payload::Bytes(bytes) => bytes.clone(),
-            Payload::Envelope { event, .. } => Bytes::from(serde_json::to_vec(event).expect("a JSON object serialises")),
+            Payload::Envelope { json, .. } => json.clone(),
         }
     }
 }
@@ -79,38 +78,18 @@ pub fn check_size(payload: &Payload, limit: usize) -> Result<(), Rejection> {
 
 /// Parses a payload. `content_type` is the one it was delivered with.
 pub fn parse(payload: &Payload, content_type: Option<&str>, pubsubname: &str, topic: &str) -> Result<CloudEvent, MalformedEvent> {
-    match payload {
-        Payload::Envelope { event, .. } => CloudEvent::from_object(event.clone(), pubsubname, topic),
-        Payload::Bytes(body) => match structured(body, content_type) {
-            Structured::Yes(object) => CloudEvent::from_object(object, pubsubname, topic),
-            Structured::Parse => CloudEvent::parse(body, pubsubname, topic),
-            Structured::No => Ok(CloudEvent::wrap_raw(body, content_type, pubsubname, topic)),
-        },
-    }
-}
-
-enum Structured {
-    /// A JSON object that carries `specversion`, already parsed.
-    Yes(Map<String, Value>),
-    /// Declared a CloudEvent: parse it strictly.
-    Parse,
-    /// A raw payload.
-    No,
-}
-
-/// A body is a structured CloudEvent if it says so in its content type, or
-/// if it is a JSON object that carries `specversion` (some clients send
-/// CloudEvents as plain `application/json`).
-fn structured(body: &[u8], content_type: Option<&str>) -> Structured {
+    let body = match payload {
+        Payload::Envelope { json, .. } => return CloudEvent::parse(json, pubsubname, topic),
+        Payload::Bytes(body) => body,
+    };
     let essence = content_type.map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     match essence.as_deref() {
-        Some(CLOUDEVENTS_JSON) => Structured::Parse,
-        Some(ct) if !is_json_media_type(ct) => Structured::No,
-        // JSON or no content type: look for the envelope's mark.
-        _ => match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(object)) if object.contains_key("specversion") => Structured::Yes(object),
-            _ => Structured::No,
-        },
+        Some(CLOUDEVENTS_JSON) => CloudEvent::parse(body, pubsubname, topic),
+        Some(ct) if !is_json_media_type(ct) => Ok(CloudEvent::wrap_raw(body, content_type, pubsubname, topic)),
+        // JSON or no content type: an object carrying `specversion` is a
+        // CloudEvent (some clients send them as plain `application/json`).
+        _ => CloudEvent::parse_if_structured(body, pubsubname, topic)
+            .unwrap_or_else(|| Ok(CloudEvent::wrap_raw(body, content_type, pubsubname, topic))),
     }
 }
 
@@ -134,8 +113,7 @@ mod tests {
         assert!(raw.id.starts_with("raw-"));
         let text = parse(&bytes("hello"), Some("text/plain"), "p", "t").unwrap();
         assert_eq!(text.data, b"hello");
-        let envelope: Map<String, Value> = serde_json::from_str(EVENT).unwrap();
-        let from_envelope = parse(&Payload::Envelope { event: envelope, size: 8 }, None, "p", "t").unwrap();
+        let from_envelope = parse(&Payload::Envelope { json: Bytes::from_static(EVENT.as_bytes()), size: 8 }, None, "p", "t").unwrap();
         assert_eq!(from_envelope, event);
     }
 

@@ -22,6 +22,7 @@ use dapr::dapr::proto::runtime::v1::{
     SubscribeTopicEventsRequestAlpha1, SubscribeTopicEventsRequestInitialAlpha1, SubscribeTopicEventsRequestProcessedAlpha1,
     TopicEventRequest, TopicEventResponse,
 };
+use bytes::Bytes;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -135,7 +136,8 @@ fn status_code(status: DaprStatus) -> TopicEventResponseStatus {
 /// so the door does not parse text that was never sent as text.
 fn delivery_of(event: &TopicEventRequest) -> Delivery {
     let destination = Destination::Topic { pubsub: event.pubsub_name.clone(), topic: event.topic.clone() };
-    let payload = Payload::Envelope { event: envelope(event), size: event.data.len() };
+    let json = Bytes::from(serde_json::to_vec(&envelope(event)).expect("a JSON object serialises"));
+    let payload = Payload::Envelope { json, size: event.data.len() };
     Delivery { destination, payload, content_type: Some(crate::cloudevent::CLOUDEVENTS_JSON.to_owned()) }
 }
 

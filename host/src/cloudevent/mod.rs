@@ -1,14 +1,21 @@
 //! The CloudEvents 1.0 envelope as the host sees it: parsed from structured
 //! JSON (what Dapr delivers by default) or wrapped around a raw payload.
 //!
-//! The original JSON object is kept next to the parsed fields so that a
+//! The envelope's JSON text is kept next to the parsed fields so that a
 //! dead-letter entry can republish the event exactly as it arrived, with the
-//! host's diagnosis added as extension attributes.
+//! host's diagnosis added as extension attributes. Parsing reads the
+//! attributes straight from that text ([`attributes`]): a JSON payload goes
+//! to the guest as the text it was sent as, never parsed on the way.
+
+mod attributes;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+
+use attributes::{Attributes, is_null, string};
 
 /// The only CloudEvents version the host accepts.
 pub const SPEC_VERSION: &str = "1.0";
@@ -63,53 +70,60 @@ pub struct CloudEvent {
     pub time: Option<String>,
     /// `datacontenttype`, if given.
     pub datacontenttype: Option<String>,
-    /// The payload bytes: JSON payloads as their JSON text.
+    /// The payload bytes: a JSON payload as the JSON text it was sent as.
     pub data: Vec<u8>,
-    /// The payload as JSON, when it is JSON (used for content-derived ids).
-    pub data_json: Option<Value>,
     /// Extension attributes, as text, in the envelope's order.
     pub extensions: Vec<(String, String)>,
     /// The topic it arrived on.
     pub topic: String,
     /// The pub/sub component it arrived through.
     pub pubsubname: String,
-    /// The event as it arrived, for dead-lettering it unchanged.
-    pub original: Map<String, Value>,
+    /// The envelope's JSON text as it arrived, for dead-lettering it
+    /// unchanged (a raw payload's: the envelope it was wrapped in).
+    pub original: Bytes,
 }
 
 impl CloudEvent {
     /// Parses a structured-mode CloudEvent. `topic` and `pubsubname` are the
     /// delivery's, used when the envelope does not carry them (Dapr adds them).
-    pub fn parse(body: &[u8], pubsubname: &str, topic: &str) -> Result<Self, MalformedEvent> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| MalformedEvent::NotJson(e.to_string()))?;
-        let Value::Object(object) = value else {
-            return Err(MalformedEvent::NotJson("the body is JSON but not an object".into()));
-        };
-        Self::from_object(object, pubsubname, topic)
+    pub fn parse(body: &Bytes, pubsubname: &str, topic: &str) -> Result<Self, MalformedEvent> {
+        let attributes = Attributes::read(body).map_err(|e| MalformedEvent::NotJson(e.to_string()))?;
+        Self::from_attributes(&attributes, body.clone(), pubsubname, topic)
     }
 
-    /// Checks an already-parsed JSON object as a structured CloudEvent.
+    /// A body sent as plain JSON (or with no content type) is a structured
+    /// CloudEvent if it is an object that carries `specversion` (some
+    /// clients send CloudEvents so): then it is parsed strictly. `None`:
+    /// the body is a raw payload.
+    pub fn parse_if_structured(body: &Bytes, pubsubname: &str, topic: &str) -> Option<Result<Self, MalformedEvent>> {
+        let attributes = Attributes::read(body).ok()?;
+        attributes.get("specversion")?;
+        Some(Self::from_attributes(&attributes, body.clone(), pubsubname, topic))
+    }
+
+    /// Checks a JSON object as a structured CloudEvent (for events the host
+    /// holds as JSON already: a file given to `wasmsub invoke`, tests).
     pub fn from_object(object: Map<String, Value>, pubsubname: &str, topic: &str) -> Result<Self, MalformedEvent> {
-        let required = |name: &'static str| match object.get(name) {
-            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        let body = Bytes::from(serde_json::to_vec(&object).expect("a JSON object serialises"));
+        Self::parse(&body, pubsubname, topic)
+    }
+
+    fn from_attributes(attributes: &Attributes<'_>, original: Bytes, pubsubname: &str, topic: &str) -> Result<Self, MalformedEvent> {
+        let required = |name: &'static str| match attributes.get(name).and_then(string) {
+            Some(text) if !text.is_empty() => Ok(text),
             _ => Err(MalformedEvent::MissingAttribute(name)),
         };
-        let optional = |name: &'static str| match object.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(MalformedEvent::NotAString(name)),
+        let optional = |name: &'static str| match attributes.get(name) {
+            None => Ok(None),
+            Some(raw) if is_null(raw) => Ok(None),
+            Some(raw) => string(raw).map(Some).ok_or(MalformedEvent::NotAString(name)),
         };
         let specversion = required("specversion")?;
         if specversion != SPEC_VERSION {
             return Err(MalformedEvent::UnsupportedSpecVersion(specversion));
         }
         let datacontenttype = optional("datacontenttype")?;
-        let (data, data_json) = payload_of(&object, datacontenttype.as_deref())?;
-        let extensions = object
-            .iter()
-            .filter(|(name, _)| !KNOWN_ATTRIBUTES.contains(&name.as_str()))
-            .map(|(name, value)| (name.clone(), attribute_text(value)))
-            .collect();
+        let data = payload_of(attributes, datacontenttype.as_deref())?;
         Ok(Self {
             id: required("id")?,
             source: required("source")?,
@@ -119,12 +133,22 @@ impl CloudEvent {
             time: optional("time")?,
             datacontenttype,
             data,
-            data_json,
-            extensions,
+            extensions: extensions_of(attributes),
             topic: optional("topic")?.unwrap_or_else(|| topic.to_owned()),
             pubsubname: optional("pubsubname")?.unwrap_or_else(|| pubsubname.to_owned()),
-            original: object,
+            original,
         })
+    }
+
+    /// The payload as JSON, when it is JSON (for content-derived ids: only
+    /// handlers that ask for them pay for the parse).
+    pub fn data_json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.data).ok()
+    }
+
+    /// The envelope as a JSON object, for a dead-letter entry to extend.
+    pub fn original_object(&self) -> Map<String, Value> {
+        serde_json::from_slice(&self.original).expect("an envelope that parsed is a JSON object")
     }
 
     /// Wraps a payload that arrived without an envelope (Dapr's raw payload
@@ -153,11 +177,10 @@ impl CloudEvent {
             time: None,
             datacontenttype: Some(content_type),
             data: body.to_vec(),
-            data_json,
             extensions: Vec::new(),
             topic: topic.to_owned(),
             pubsubname: pubsubname.to_owned(),
-            original,
+            original: Bytes::from(serde_json::to_vec(&original).expect("a JSON object serialises")),
         }
     }
 
@@ -189,29 +212,35 @@ pub fn is_json_media_type(media_type: &str) -> bool {
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 
-fn payload_of(object: &Map<String, Value>, content_type: Option<&str>) -> Result<(Vec<u8>, Option<Value>), MalformedEvent> {
-    match (object.get("data"), object.get("data_base64")) {
+fn payload_of(attributes: &Attributes<'_>, content_type: Option<&str>) -> Result<Vec<u8>, MalformedEvent> {
+    match (attributes.get("data"), attributes.get("data_base64")) {
         (Some(_), Some(_)) => Err(MalformedEvent::BothDataForms),
-        (None | Some(Value::Null), None) => Ok((Vec::new(), None)),
-        (None, Some(Value::String(encoded))) => {
-            let bytes = BASE64.decode(encoded).map_err(|e| MalformedEvent::BadBase64(e.to_string()))?;
-            let json = content_type.filter(|ct| is_json_media_type(ct)).and_then(|_| serde_json::from_slice(&bytes).ok());
-            Ok((bytes, json))
+        (None, None) => Ok(Vec::new()),
+        (Some(data), None) if is_null(data) => Ok(Vec::new()),
+        (None, Some(encoded)) => {
+            let encoded = string(encoded).ok_or(MalformedEvent::NotAString("data_base64"))?;
+            BASE64.decode(encoded).map_err(|e| MalformedEvent::BadBase64(e.to_string()))
         }
-        (None, Some(_)) => Err(MalformedEvent::NotAString("data_base64")),
-        // A string payload of a non-JSON media type is the text itself.
-        (Some(Value::String(text)), None) if !content_type.is_some_and(is_json_media_type) => {
-            Ok((text.clone().into_bytes(), serde_json::from_str(text).ok()))
-        }
-        (Some(value), None) => Ok((value.to_string().into_bytes(), Some(value.clone()))),
+        (Some(data), None) => match string(data) {
+            // A string payload of a non-JSON media type is the text itself.
+            Some(text) if !content_type.is_some_and(is_json_media_type) => Ok(text.into_bytes()),
+            _ => Ok(data.get().as_bytes().to_vec()),
+        },
     }
 }
 
-fn attribute_text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+/// Attributes the host has no field for, as text, in the envelope's order
+/// (a name sent twice keeps its last value).
+fn extensions_of(attributes: &Attributes<'_>) -> Vec<(String, String)> {
+    let mut extensions: Vec<(String, String)> = Vec::new();
+    for (name, raw) in attributes.iter().filter(|(name, _)| !KNOWN_ATTRIBUTES.contains(name)) {
+        let text = string(raw).unwrap_or_else(|| raw.get().to_owned());
+        match extensions.iter_mut().find(|(known, _)| known == name) {
+            Some(extension) => extension.1 = text,
+            None => extensions.push((name.to_owned(), text)),
+        }
     }
+    extensions
 }
 
 #[cfg(test)]
@@ -220,7 +249,7 @@ mod tests {
     use serde_json::json;
 
     fn parse(value: Value) -> Result<CloudEvent, MalformedEvent> {
-        CloudEvent::parse(value.to_string().as_bytes(), "pubsub", "orders")
+        CloudEvent::parse(&Bytes::from(value.to_string()), "pubsub", "orders")
     }
 
     fn minimal() -> Value {
@@ -245,6 +274,32 @@ mod tests {
     }
 
     #[test]
+    fn a_json_payload_reaches_the_guest_as_sent_and_the_envelope_is_kept() {
+        let body = Bytes::from_static(
+            br#"{"specversion":"1.0","id":"e\u0031","source":"s","type":"t","zz":1,"data":{"title":"a b","id":12345678901234567890},"aa":"x"}"#,
+        );
+        let event = CloudEvent::parse(&body, "p", "t").unwrap();
+        assert_eq!(event.id, "e1");
+        // Not re-serialised: key order and a number wider than 64 bits survive.
+        assert_eq!(event.data, br#"{"title":"a b","id":12345678901234567890}"#);
+        assert_eq!(event.extensions, [("zz".to_string(), "1".to_string()), ("aa".to_string(), "x".to_string())]);
+        assert_eq!(event.original, body);
+        assert_eq!(event.original_object()["zz"], json!(1));
+    }
+
+    #[test]
+    fn plain_json_is_an_event_only_with_a_specversion() {
+        let event = Bytes::from(minimal().to_string());
+        assert_eq!(CloudEvent::parse_if_structured(&event, "p", "t").unwrap().unwrap().id, "e1");
+        let mut bad = minimal();
+        bad["specversion"] = "0.3".into();
+        assert!(CloudEvent::parse_if_structured(&Bytes::from(bad.to_string()), "p", "t").unwrap().is_err());
+        for raw in [&br#"{"id": 1}"#[..], b"[1]", b"not json"] {
+            assert!(CloudEvent::parse_if_structured(&Bytes::copy_from_slice(raw), "p", "t").is_none());
+        }
+    }
+
+    #[test]
     fn topic_defaults_to_the_deliverys() {
         let event = parse(minimal()).unwrap();
         assert_eq!((event.topic.as_str(), event.pubsubname.as_str()), ("orders", "pubsub"));
@@ -265,8 +320,8 @@ mod tests {
 
     #[test]
     fn malformed_events_say_what_is_wrong() {
-        assert!(matches!(CloudEvent::parse(b"{not json", "p", "t"), Err(MalformedEvent::NotJson(_))));
-        assert!(matches!(CloudEvent::parse(b"[1]", "p", "t"), Err(MalformedEvent::NotJson(_))));
+        assert!(matches!(CloudEvent::parse(&Bytes::from_static(b"{not json"), "p", "t"), Err(MalformedEvent::NotJson(_))));
+        assert!(matches!(CloudEvent::parse(&Bytes::from_static(b"[1]"), "p", "t"), Err(MalformedEvent::NotJson(_))));
         let mut no_id = minimal();
         no_id.as_object_mut().unwrap().remove("id");
         assert_eq!(parse(no_id).unwrap_err().to_string(), "required attribute `id` is missing or not a non-empty string");
@@ -289,8 +344,8 @@ mod tests {
         let c = CloudEvent::wrap_raw(br#"{"id":2}"#, Some("application/json"), "p", "t");
         assert_eq!(a.id, b.id);
         assert_ne!(a.id, c.id);
-        assert_eq!(a.data_json, Some(json!({"id": 1})));
-        let reparsed = CloudEvent::from_object(a.original.clone(), "p", "t").unwrap();
+        assert_eq!(a.data_json(), Some(json!({"id": 1})));
+        let reparsed = CloudEvent::parse(&a.original, "p", "t").unwrap();
         assert_eq!(reparsed.data, a.data);
     }
 
