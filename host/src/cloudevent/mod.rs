@@ -148,7 +148,32 @@ impl CloudEvent {
 
     /// The envelope as a JSON object, for a dead-letter entry to extend.
     pub fn original_object(&self) -> Map<String, Value> {
-        serde_json::from_slice(&self.original).expect("an envelope that parsed is a JSON object")
+        match serde_json::from_slice(&self.original) {
+            Ok(object) => object,
+            // Nested deeper than serde_json builds a tree for (128 levels;
+            // reading the attributes has no such limit): the envelope again
+            // from its parsed fields, the payload base64-encoded and whole.
+            Err(_) => self.rebuilt_envelope(),
+        }
+    }
+
+    fn rebuilt_envelope(&self) -> Map<String, Value> {
+        let mut object = Map::new();
+        for (name, value) in &self.extensions {
+            object.insert(name.clone(), value.clone().into());
+        }
+        let optional = [("subject", &self.subject), ("time", &self.time), ("datacontenttype", &self.datacontenttype)];
+        for (name, value) in optional {
+            if let Some(value) = value {
+                object.insert(name.into(), value.clone().into());
+            }
+        }
+        let fields = [("id", &self.id), ("source", &self.source), ("type", &self.ty), ("specversion", &self.specversion)];
+        for (name, value) in fields.into_iter().chain([("topic", &self.topic), ("pubsubname", &self.pubsubname)]) {
+            object.insert(name.into(), value.clone().into());
+        }
+        object.insert("data_base64".into(), BASE64.encode(&self.data).into());
+        object
     }
 
     /// Wraps a payload that arrived without an envelope (Dapr's raw payload
@@ -285,6 +310,18 @@ mod tests {
         assert_eq!(event.extensions, [("zz".to_string(), "1".to_string()), ("aa".to_string(), "x".to_string())]);
         assert_eq!(event.original, body);
         assert_eq!(event.original_object()["zz"], json!(1));
+    }
+
+    #[test]
+    fn a_payload_nested_too_deep_for_a_json_tree_still_dead_letters_whole() {
+        let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+        let body = format!(r#"{{"specversion":"1.0","id":"deep","source":"s","type":"t","ext":"x","data":{deep}}}"#);
+        let event = CloudEvent::parse(&Bytes::from(body), "p", "t").unwrap();
+        assert_eq!(event.data, deep.as_bytes());
+        let original = event.original_object();
+        assert_eq!((original["id"].as_str(), original["ext"].as_str()), (Some("deep"), Some("x")));
+        let again = CloudEvent::from_object(original, "p", "t").unwrap();
+        assert_eq!(again.data, event.data);
     }
 
     #[test]
