@@ -11,7 +11,7 @@
 #   --repeat N           the whole comparison N times, each run's table and
 #                        then the medians (the machine is shared and noisy)
 #   --details            pids, calls by route and Redis commands by name
-#   --baseline BINARY    one more row: another wasmsub build (e.g. the previous
+#   --baseline BINARY    two more rows (single, bulk): another wasmsub build (e.g. the previous
 #                        commit's), for a before/after in the same run
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -508,7 +508,7 @@ def print_table(title, rows):
 
 
 NAMES = {"wasmsub": "wasmsub", "bulk": "wasmsub, bulk subscribe", "native": "native Rust subscriber", "python": "Python FastAPI + Dapr SDK"}
-BASELINE = "wasmsub, --baseline build"
+BASELINE = {"wasmsub": "wasmsub, --baseline build", "bulk": "bulk, --baseline build"}
 
 
 def ratios(rows):
@@ -520,10 +520,11 @@ def ratios(rows):
             out[f"events/s {a} / {b}"] = by[a]["events_per_s"] / by[b]["events_per_s"]
             out[f"app CPU/ev {a} / {b}"] = by[a]["sub_us"] / by[b]["sub_us"] if by[b]["sub_us"] else float("nan")
             out[f"total CPU/ev {a} / {b}"] = total(by[a]) / total(by[b]) if total(by[b]) else float("nan")
-    baseline = next((r for r in rows if r["variant"] == BASELINE), None)
-    if baseline:
-        out["events/s wasmsub / baseline"] = by["wasmsub"]["events_per_s"] / baseline["events_per_s"]
-        out["app CPU/ev wasmsub / baseline"] = by["wasmsub"]["sub_us"] / baseline["sub_us"] if baseline["sub_us"] else float("nan")
+    for key, name in BASELINE.items():
+        baseline = next((r for r in rows if r["variant"] == name), None)
+        if baseline:
+            for what, column in (("events/s", "events_per_s"), ("app CPU/ev", "sub_us"), ("calls/ev", "calls")):
+                out[f"{what} {key} / baseline"] = by[key][column] / baseline[column] if baseline[column] else float("nan")
     return out
 
 
@@ -536,9 +537,10 @@ def print_ratios(rows, ratio):
     print(f"  total CPU/event (app+daprd+Redis):   {line('total CPU/ev')}")
     print("  total CPU µs/event:                  " + "   ".join(f"{k} {total(by[k]):.0f}" for k in NAMES))
     print("  sidecar calls / Redis cmds per event: " + "   ".join(f"{k} {by[k]['calls']:.2f} / {by[k]['redis_cmds']:.2f}" for k in NAMES))
-    if "events/s wasmsub / baseline" in ratio:
-        print(f"  this build ÷ --baseline build:       events/s {ratio['events/s wasmsub / baseline']:.2f}x   "
-              f"app CPU/event {ratio['app CPU/ev wasmsub / baseline']:.2f}x")
+    for key in BASELINE:
+        if f"events/s {key} / baseline" in ratio:
+            print(f"  this build ÷ --baseline build, {key + ':':<9}  events/s {ratio[f'events/s {key} / baseline']:.2f}x   "
+                  f"app CPU/event {ratio[f'app CPU/ev {key} / baseline']:.2f}x   sidecar calls/event {ratio[f'calls/ev {key} / baseline']:.2f}x")
 
 
 def print_publish_alone(p, label="publishing alone"):
@@ -574,7 +576,7 @@ def main():
     parser.add_argument("--latency-events", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=1, help="run the whole comparison N times; print each run and the medians")
     parser.add_argument("--details", action="store_true", help="also print, per subscriber, its pids and the calls and Redis commands per event by kind")
-    parser.add_argument("--baseline", help="another wasmsub binary (e.g. the previous commit's) run as one more row, for a before/after in one run")
+    parser.add_argument("--baseline", help="another wasmsub binary (e.g. the previous commit's) run as two more rows (single and bulk), for a before/after in one run")
     parser.add_argument("--repo", required=True)
     args = parser.parse_args()
     if args.repeat < 1 or args.events < 1 or args.latency_events < 1:
@@ -622,7 +624,8 @@ def main():
             Variant(NAMES["python"], lambda i: f"task:{i}", python),
         ]
         if args.baseline:
-            variants.insert(1, Variant(BASELINE, lambda i: f"wasmsub|state|4:todo|task:{i}", wasmsub(False, args.baseline)))
+            variants.insert(1, Variant(BASELINE["wasmsub"], lambda i: f"wasmsub|state|4:todo|task:{i}", wasmsub(False, args.baseline)))
+            variants.insert(3, Variant(BASELINE["bulk"], lambda i: f"wasmsub|state|4:todo|task:{i}", wasmsub(True, args.baseline)))
         for run in range(args.repeat):
             publish_alone.append(measure_publish_alone(args, procs, redis, components, run))
             order = variants[run % len(variants):] + variants[:run % len(variants)]

@@ -26,6 +26,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 
@@ -40,6 +41,12 @@ use super::{Operation, SidecarError, StateItem};
 /// carries whole bulk deliveries' worth of calls; a lone call goes out at
 /// once when no batch of its kind is out.
 const LANES: usize = 1;
+/// How long a call that finds its lane free waits for company while calls
+/// of its kind keep meeting each other (see `super::coalesce`): a bulk
+/// delivery's events reach a stage a guest run apart, about 100-300 µs each
+/// under load, so a millisecond gathers several of them into one request;
+/// an event alone never waits.
+const LINGER: Duration = Duration::from_millis(1);
 /// Calls per merged request: bounds a request's size (a done record carries
 /// the event's outbox) and a store's transaction size.
 const MAX_CALLS: usize = 64;
@@ -78,10 +85,10 @@ impl Batches {
     pub(super) fn new(api: Api) -> Self {
         let (a, b, c, d) = (api.clone(), api.clone(), api.clone(), api);
         Self {
-            gets: Coalescer::new("gets", LANES, MAX_CALLS, move |calls| run_gets(a.clone(), calls)),
-            saves: Coalescer::new("saves", LANES, MAX_CALLS, move |calls| run_writes(b.clone(), calls)),
-            transactions: Coalescer::new("transactions", LANES, MAX_CALLS, move |calls| run_writes(c.clone(), calls)),
-            publishes: Coalescer::new("publishes", LANES, MAX_CALLS, move |calls| run_publishes(d.clone(), calls)),
+            gets: Coalescer::new("gets", LANES, MAX_CALLS, LINGER, move |calls| run_gets(a.clone(), calls)),
+            saves: Coalescer::new("saves", LANES, MAX_CALLS, LINGER, move |calls| run_writes(b.clone(), calls)),
+            transactions: Coalescer::new("transactions", LANES, MAX_CALLS, LINGER, move |calls| run_writes(c.clone(), calls)),
+            publishes: Coalescer::new("publishes", LANES, MAX_CALLS, LINGER, move |calls| run_publishes(d.clone(), calls)),
         }
     }
 
