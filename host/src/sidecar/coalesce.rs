@@ -40,7 +40,7 @@ struct Inner<R, A> {
     lanes: usize,
     max_batch: usize,
     /// How long a call that finds a free lane waits for company, while
-    /// calls keep coming (zero: never).
+    /// calls of its kind keep meeting each other (zero: never).
     linger: Duration,
     kind: &'static str,
     state: Mutex<Lanes<R, A>>,
@@ -84,7 +84,7 @@ pub(crate) struct Dropped;
 impl<R: Send + 'static, A: Send + 'static> Coalescer<R, A> {
     /// Up to `lanes` requests in flight at once, each of at most
     /// `max_batch` calls; a call finding a free lane lingers (see the
-    /// module's text) for `linger` while calls keep coming. `run` answers
+    /// module's text) for `linger` while calls keep meeting. `run` answers
     /// a batch's calls in order.
     pub(crate) fn new<F, Fut>(kind: &'static str, lanes: usize, max_batch: usize, linger: Duration, run: F) -> Self
     where
