@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{Deserialize, Deserializer, Error, MapAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// A JSON object's members in the order they were sent: (name, raw JSON).
@@ -77,36 +77,21 @@ impl<'de> Visitor<'de> for ObjectVisitor {
     }
 }
 
-/// A member name, borrowed from the body unless it holds an escape.
-struct Name<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Name<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_str(NameVisitor)
-    }
-}
-
-struct NameVisitor;
-
-impl<'de> Visitor<'de> for NameVisitor {
-    type Value = Name<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an attribute name")
-    }
-
-    fn visit_borrowed_str<E: Error>(self, name: &'de str) -> Result<Self::Value, E> {
-        Ok(Name(Cow::Borrowed(name)))
-    }
-
-    fn visit_str<E: Error>(self, name: &str) -> Result<Self::Value, E> {
-        Ok(Name(Cow::Owned(name.to_owned())))
-    }
-}
+/// A member name, borrowed from the body unless it holds an escape
+/// (serde's `borrow` on a `Cow<str>` does exactly that).
+#[derive(serde::Deserialize)]
+struct Name<'a>(#[serde(borrow)] Cow<'a, str>);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_borrowed_unless_escaped() {
+        let attributes = Attributes::read(br#"{"plain": 1, "a\u0041": 2}"#).unwrap();
+        assert!(matches!(attributes.0[0].0, Cow::Borrowed("plain")));
+        assert!(matches!(&attributes.0[1].0, Cow::Owned(name) if name == "aA"));
+    }
 
     #[test]
     fn members_keep_their_order_and_raw_text() {
