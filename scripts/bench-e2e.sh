@@ -3,8 +3,10 @@
 # (release wasmsub, the native subscriber, the guests, daprd, a Python venv
 # with the Dapr SDK) and runs bench/e2e/run.py. Not part of the tests.
 #
-# Prints, per subscriber, events/s, p50/p99 latency and the cost model over
-# the throughput phase: CPU µs per event of the subscriber, daprd and Redis,
+# Prints, per subscriber, events/s (8 publishers through daprd), the rate at
+# which it drains a backlog appended straight to the stream (its own pace, no
+# publisher in the loop), p50/p99 latency and the cost model over the
+# throughput phase: CPU µs per event of the subscriber, daprd and Redis,
 # Redis commands, sidecar calls and deliveries per event; then ratios.
 #   --events N           events for the throughput phase (default 2000)
 #   --latency-events N   events one at a time for latency (default 200)
@@ -13,6 +15,9 @@
 #   --details            pids, calls by route and Redis commands by name
 #   --baseline BINARY    two more rows (single, bulk): another wasmsub build (e.g. the previous
 #                        commit's), for a before/after in the same run
+#   --only LIST          some of wasmsub,bulk,native,python (default: all)
+#   --bulk-max-messages N  the bulk rows' max_messages (default 32, the Redis component's
+#                        concurrency: README, "Sizing bulk deliveries")
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_cargo

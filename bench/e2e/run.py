@@ -12,6 +12,11 @@ For each:
     every task's state exists (checked in Redis directly, one pipelined
     EXISTS per 50 pending keys every 5 ms, so the check itself adds no
     load to daprd and is subtracted from Redis's figures);
+  - draining a backlog: N more events appended straight to the topic's
+    Redis stream at once (as daprd's publish would), timed until every
+    task exists: the subscriber's own pace, with no publisher in the loop
+    (publishing through the same daprd bounds the throughput figure above
+    for every subscriber that keeps up);
   - latency: events published one at a time, each timed until its state is
     visible through Dapr's state API (polled every millisecond);
   - the cost model, over the throughput phase only (after the warm-up has
@@ -119,7 +124,7 @@ def cloud_event(event_id, task_id):
     })
 
 
-def start_redis(procs, work, repo):
+def start_redis(procs, work, repo, concurrency=None):
     """A Redis for the run, and the repository's Dapr components pointed at
     it (in work/components). Returns (redis port, components directory);
     the Redis process is procs.redis."""
@@ -130,6 +135,9 @@ def start_redis(procs, work, repo):
     os.makedirs(components)
     for name in ("pubsub.yaml", "statestore.yaml", "resiliency.yaml"):
         text = open(os.path.join(repo, "components", name)).read().replace("localhost:6379", f"127.0.0.1:{redis_port}")
+        if name == "pubsub.yaml" and concurrency:
+            text, n = re.subn(r'(- name: concurrency\n\s+value: )"\d+"', rf'\g<1>"{concurrency}"', text)
+            assert n == 1, "components/pubsub.yaml sets no concurrency to replace"
         open(os.path.join(components, name), "w").write(text)
     return redis_port, components
 
@@ -345,6 +353,26 @@ def wait_for_keys(redis, keys, limit, what):
         time.sleep(0.005)
 
 
+# Where Dapr's Redis Streams component keeps a topic's messages, and the
+# field it reads the payload from (components-contrib pubsub/redis).
+TOPIC_STREAM = "task-created"
+BACKLOG_FIRST_TASK = 30_000_000
+
+
+def drain_backlog(redis, events, redis_key, what):
+    """Appends `events` CloudEvents to the topic's stream at once (XADD, as
+    daprd's publish does, pipelined: a few milliseconds) and times until
+    every task exists: the subscriber drains a backlog as fast as it can,
+    with no publisher in the loop. Returns events/s."""
+    ids = range(BACKLOG_FIRST_TASK, BACKLOG_FIRST_TASK + events)
+    started = time.monotonic()
+    for first in range(0, events, 500):
+        chunk = ids[first:first + 500]
+        redis.pipeline([("XADD", TOPIC_STREAM, "*", "data", cloud_event(f"d-{i}", i)) for i in chunk])
+    wait_for_keys(redis, [redis_key(i) for i in ids], 300, f"{what} backlog")
+    return events / (time.monotonic() - started)
+
+
 # ---------------------------------------------------------------- variants
 
 class Variant:
@@ -461,6 +489,11 @@ def run_variant(args, procs, redis, variant, components, work):
         print(f"warning: {variant.name}: daprd counted {result['own_publishes']:.0f} publishes to task-created, "
               f"the benchmark made {args.events}", file=sys.stderr)
 
+    # Draining a backlog: the events appended straight to the stream, so the
+    # rate is the subscriber's (through its daprd), not the publishers'.
+    drained = drain_backlog(redis, args.events, redis_key, variant.name)
+    quiesce(redis)
+
     # Latency, one event at a time.
     latencies = []
     for i in range(args.latency_events):
@@ -477,6 +510,7 @@ def run_variant(args, procs, redis, variant, components, work):
         **result,
         "variant": variant.name,
         "events_per_s": throughput,
+        "drain_per_s": drained,
         "p50_ms": statistics.median(latencies),
         "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)],
         "processes": processes,
@@ -488,6 +522,7 @@ def run_variant(args, procs, redis, variant, components, work):
 COLUMNS = [
     # (key, header, width, format)
     ("events_per_s", "events/s", 9, "{:.0f}"),
+    ("drain_per_s", "drain ev/s", 10, "{:.0f}"),
     ("p50_ms", "p50 ms", 7, "{:.2f}"),
     ("p99_ms", "p99 ms", 7, "{:.2f}"),
     ("sub_us", "app µs/ev", 9, "{:.0f}"),
@@ -511,35 +546,48 @@ NAMES = {"wasmsub": "wasmsub", "bulk": "wasmsub, bulk subscribe", "native": "nat
 BASELINE = {"wasmsub": "wasmsub, --baseline build", "bulk": "bulk, --baseline build"}
 
 
+def present(rows):
+    """The variants in this run, by key (wasmsub, bulk, native, python)."""
+    names = {row["variant"] for row in rows}
+    return {key: next(r for r in rows if r["variant"] == name) for key, name in NAMES.items() if name in names}
+
+
+def pairs(by):
+    return [(a, b) for a in ("wasmsub", "bulk") for b in ("native", "python") if a in by and b in by]
+
+
 def ratios(rows):
-    by = {key: next(r for r in rows if r["variant"] == name) for key, name in NAMES.items()}
+    by = present(rows)
     total = lambda r: r["sub_us"] + r["daprd_us"] + r["redis_us"]
     out = {}
-    for a in ("wasmsub", "bulk"):
-        for b in ("native", "python"):
-            out[f"events/s {a} / {b}"] = by[a]["events_per_s"] / by[b]["events_per_s"]
-            out[f"app CPU/ev {a} / {b}"] = by[a]["sub_us"] / by[b]["sub_us"] if by[b]["sub_us"] else float("nan")
-            out[f"total CPU/ev {a} / {b}"] = total(by[a]) / total(by[b]) if total(by[b]) else float("nan")
+    for a, b in pairs(by):
+        out[f"events/s {a} / {b}"] = by[a]["events_per_s"] / by[b]["events_per_s"]
+        out[f"drain ev/s {a} / {b}"] = by[a]["drain_per_s"] / by[b]["drain_per_s"]
+        out[f"app CPU/ev {a} / {b}"] = by[a]["sub_us"] / by[b]["sub_us"] if by[b]["sub_us"] else float("nan")
+        out[f"total CPU/ev {a} / {b}"] = total(by[a]) / total(by[b]) if total(by[b]) else float("nan")
     for key, name in BASELINE.items():
         baseline = next((r for r in rows if r["variant"] == name), None)
-        if baseline:
-            for what, column in (("events/s", "events_per_s"), ("app CPU/ev", "sub_us"), ("calls/ev", "calls")):
+        if baseline and key in by:
+            for what, column in (("events/s", "events_per_s"), ("drain ev/s", "drain_per_s"), ("app CPU/ev", "sub_us"), ("calls/ev", "calls")):
                 out[f"{what} {key} / baseline"] = by[key][column] / baseline[column] if baseline[column] else float("nan")
     return out
 
 
 def print_ratios(rows, ratio):
-    by = {key: next(r for r in rows if r["variant"] == name) for key, name in NAMES.items()}
+    by = present(rows)
     total = lambda r: r["sub_us"] + r["daprd_us"] + r["redis_us"]
-    line = lambda what: "   ".join(f"{a} ÷ {b} {ratio[f'{what} {a} / {b}']:.2f}x" for a in ("wasmsub", "bulk") for b in ("native", "python"))
-    print(f"\n  events/s:                            {line('events/s')}")
-    print(f"  app CPU/event:                       {line('app CPU/ev')}")
-    print(f"  total CPU/event (app+daprd+Redis):   {line('total CPU/ev')}")
-    print("  total CPU µs/event:                  " + "   ".join(f"{k} {total(by[k]):.0f}" for k in NAMES))
-    print("  sidecar calls / Redis cmds per event: " + "   ".join(f"{k} {by[k]['calls']:.2f} / {by[k]['redis_cmds']:.2f}" for k in NAMES))
+    line = lambda what: "   ".join(f"{a} ÷ {b} {ratio[f'{what} {a} / {b}']:.2f}x" for a, b in pairs(by))
+    if pairs(by):
+        print(f"\n  events/s:                            {line('events/s')}")
+        print(f"  draining a backlog, events/s:        {line('drain ev/s')}")
+        print(f"  app CPU/event:                       {line('app CPU/ev')}")
+        print(f"  total CPU/event (app+daprd+Redis):   {line('total CPU/ev')}")
+    print("\n  total CPU µs/event:                  " + "   ".join(f"{k} {total(by[k]):.0f}" for k in by))
+    print("  sidecar calls / Redis cmds per event: " + "   ".join(f"{k} {by[k]['calls']:.2f} / {by[k]['redis_cmds']:.2f}" for k in by))
     for key in BASELINE:
         if f"events/s {key} / baseline" in ratio:
             print(f"  this build ÷ --baseline build, {key + ':':<9}  events/s {ratio[f'events/s {key} / baseline']:.2f}x   "
+                  f"draining {ratio[f'drain ev/s {key} / baseline']:.2f}x   "
                   f"app CPU/event {ratio[f'app CPU/ev {key} / baseline']:.2f}x   sidecar calls/event {ratio[f'calls/ev {key} / baseline']:.2f}x")
 
 
@@ -577,10 +625,21 @@ def main():
     parser.add_argument("--repeat", type=int, default=1, help="run the whole comparison N times; print each run and the medians")
     parser.add_argument("--details", action="store_true", help="also print, per subscriber, its pids and the calls and Redis commands per event by kind")
     parser.add_argument("--baseline", help="another wasmsub binary (e.g. the previous commit's) run as two more rows (single and bulk), for a before/after in one run")
+    parser.add_argument("--bulk-max-messages", type=int, default=32,
+                        help="wasmsub's bulk max_messages; Dapr fills a batch only up to the pub/sub component's concurrency "
+                             "(32 in components/pubsub.yaml) and waits max_await_ms (5) for more (default: 32)")
+    parser.add_argument("--only", default=",".join(NAMES),
+                        help="the subscribers to run, comma-separated, of: " + ", ".join(NAMES) + " (default: all)")
+    parser.add_argument("--pubsub-concurrency", type=int,
+                        help="the Redis Streams component's concurrency (messages it hands Dapr at once) for every subscriber "
+                             "(default: components/pubsub.yaml's)")
     parser.add_argument("--repo", required=True)
     args = parser.parse_args()
     if args.repeat < 1 or args.events < 1 or args.latency_events < 1:
         parser.error("--repeat, --events and --latency-events must be at least 1")
+    only = [key.strip() for key in args.only.split(",") if key.strip()]
+    if not only or any(key not in NAMES for key in only):
+        parser.error(f"--only takes a comma-separated list of: {', '.join(NAMES)}")
 
     work = tempfile.mkdtemp(prefix="wasmsub-bench-")
     procs = Processes(work)
@@ -589,7 +648,7 @@ def main():
              f"µs/ev: CPU time (utime+stime) per event of the app, daprd and Redis processes over the throughput phase (clock tick {1e6 / CLK_TCK:.0f} µs);\n"
              "Redis cmds, sidecar calls (app to daprd) and deliveries (daprd to app) per event over the same phase")
     try:
-        redis_port, components = start_redis(procs, work, args.repo)
+        redis_port, components = start_redis(procs, work, args.repo, args.pubsub_concurrency)
         redis = Redis(redis_port)
         args.daprd_config = os.path.join(work, "daprd-config.yaml")
         open(args.daprd_config, "w").write(DAPRD_CONFIG)
@@ -597,7 +656,7 @@ def main():
         def wasmsub(bulk, binary=args.wasmsub):
             def start(procs, app_port, http_port, grpc_port, work):
                 manifest = os.path.join(work, f"wasmsub-{bulk}.toml")
-                extra = "bulk = { max_messages = 100, max_await_ms = 5 }\n" if bulk else ""
+                extra = f"bulk = {{ max_messages = {args.bulk_max_messages}, max_await_ms = 5 }}\n" if bulk else ""
                 open(manifest, "w").write(
                     '[[tenant]]\nname = "todo"\nlimits = { max_concurrency = 32, publish_topics = ["task-audit"] }\n'
                     f'[[tenant.handler]]\nname = "task-created"\ncomponent = "{args.component}"\ntopic = "task-created"\n{extra}'
@@ -626,6 +685,8 @@ def main():
         if args.baseline:
             variants.insert(1, Variant(BASELINE["wasmsub"], lambda i: f"wasmsub|state|4:todo|task:{i}", wasmsub(False, args.baseline)))
             variants.insert(3, Variant(BASELINE["bulk"], lambda i: f"wasmsub|state|4:todo|task:{i}", wasmsub(True, args.baseline)))
+        wanted = {NAMES[key] for key in only} | {BASELINE[key] for key in only if key in BASELINE}
+        variants = [v for v in variants if v.name in wanted]
         for run in range(args.repeat):
             publish_alone.append(measure_publish_alone(args, procs, redis, components, run))
             order = variants[run % len(variants):] + variants[:run % len(variants)]

@@ -236,6 +236,12 @@ pub struct HandlerConfig {
 }
 
 /// Dapr's bulk subscribe settings for one handler.
+///
+/// Dapr sends a request once it holds `max_messages` events or
+/// `max_await_ms` has passed; a component that hands over at most its
+/// `concurrency` messages at once (Redis Streams) never fills a larger
+/// request, so each one waits the full `max_await_ms` (README, "Sizing bulk
+/// deliveries").
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BulkConfig {

@@ -19,9 +19,11 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
+use super::bulk_sizing::BulkSizing;
 use super::dapr_subscriptions::{Subscription, subscriptions};
 use crate::control::registry::{Registry, RouteTarget};
 use crate::delivery::{Delivery, Destination, Door};
+use crate::manifest::BulkConfig;
 use crate::pipeline::outcome::DaprStatus;
 use crate::pipeline::receive::Payload;
 
@@ -31,11 +33,13 @@ use crate::pipeline::receive::Payload;
 struct AppRoutes {
     registry: Arc<Registry>,
     door: Arc<Door>,
+    /// Notices bulk requests Dapr holds back (`bulk_sizing`).
+    bulk_sizing: Arc<BulkSizing>,
 }
 
 /// `GET /dapr/subscribe` and every event route.
 pub fn routes(registry: Arc<Registry>, door: Arc<Door>) -> Router {
-    Router::new().route("/dapr/subscribe", get(subscribe)).fallback(deliver).with_state(AppRoutes { registry, door })
+    Router::new().route("/dapr/subscribe", get(subscribe)).fallback(deliver).with_state(AppRoutes { registry, door, bulk_sizing: Arc::default() })
 }
 
 async fn subscribe(State(app): State<AppRoutes>) -> Json<Vec<Subscription>> {
@@ -65,9 +69,10 @@ async fn deliver(State(app): State<AppRoutes>, method: Method, uri: Uri, headers
     }
     let route = uri.path().to_owned();
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    if is_bulk_route(&app.registry, &route)
+    if let Some(bulk) = bulk_config(&app.registry, &route)
         && let Some(entries) = parse_bulk(&body)
     {
+        app.bulk_sizing.arrived(&route, entries.len(), &bulk);
         let (ids, deliveries): (Vec<_>, Vec<_>) = entries
             .into_iter()
             .map(|(id, body, content_type)| {
@@ -75,6 +80,7 @@ async fn deliver(State(app): State<AppRoutes>, method: Method, uri: Uri, headers
             })
             .unzip();
         let statuses = app.door.deliver_all(deliveries).await;
+        app.bulk_sizing.answered(&route);
         let statuses: Vec<_> = ids.into_iter().zip(statuses).map(|(id, status)| json!({"entryId": id, "status": status})).collect();
         return Json(json!({ "statuses": statuses })).into_response();
     }
@@ -89,12 +95,12 @@ pub(crate) fn parse_bulk(body: &[u8]) -> Option<Vec<(String, Bytes, Option<Strin
     Some(bulk.entries.into_iter().map(|entry| (entry.entry_id, entry_bytes(entry.event), entry.content_type)).collect())
 }
 
-/// Handlers sharing a route share one subscription, so one bulk setting.
-fn is_bulk_route(registry: &Registry, route: &str) -> bool {
-    match registry.by_route(route) {
-        Some(RouteTarget::Handler(handler)) => handler.config.bulk.is_some(),
-        Some(RouteTarget::FanOut(handlers)) => handlers.first().is_some_and(|h| h.config.bulk.is_some()),
-        None => false,
+/// The route's bulk setting, if it asked for bulk deliveries. Handlers
+/// sharing a route share one subscription, so one bulk setting.
+fn bulk_config(registry: &Registry, route: &str) -> Option<BulkConfig> {
+    match registry.by_route(route)? {
+        RouteTarget::Handler(handler) => handler.config.bulk.clone(),
+        RouteTarget::FanOut(handlers) => handlers.first()?.config.bulk.clone(),
     }
 }
 

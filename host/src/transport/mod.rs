@@ -4,11 +4,13 @@
 //!
 //! - [`dapr_app`]: the HTTP routes a Dapr sidecar delivers to (single and
 //!   bulk), and `GET /dapr/subscribe` ([`dapr_subscriptions`]);
+//!   [`bulk_sizing`] tells the operator when Dapr holds bulk requests back;
 //! - [`dapr_streaming`]: gRPC streaming subscriptions for topics handlers
 //!   added at runtime need;
 //! - [`embedded`]: the in-process broker (a queue the dispatcher drains)
 //!   and its publish API ([`publish_api`]).
 
+mod bulk_sizing;
 pub(crate) mod dapr_app;
 pub(crate) mod dapr_streaming;
 mod dapr_subscriptions;
