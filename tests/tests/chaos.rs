@@ -247,6 +247,44 @@ impl Drop for SmallDisk {
     }
 }
 
+/// The host may be idle when space returns, or its traffic may wait for
+/// `/readyz` (a readiness probe, Dapr's app health check): the store must
+/// find out by itself, with no write of anyone's to try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_filled_the_disk_is_ready_again_once_space_returns_with_nothing_written() {
+    use wasmsub::store::{EmbeddedStore, MessageQueue, QueuedMessage};
+    let Some(disk) = SmallDisk::mount("16M") else {
+        panic!("this test mounts a 16 MiB tmpfs to fill a real file system; run it as root (CI does)");
+    };
+    let store = EmbeddedStore::open(&disk.path().join("store.redb")).unwrap();
+    let filler = disk.fill();
+    let message = |size: usize| QueuedMessage {
+        pubsub: "pubsub".into(),
+        topic: "orders".into(),
+        body: vec![b'x'; size].into(),
+        content_type: None,
+        origin: None,
+    };
+    let mut refused = false;
+    for _ in 0..200 {
+        if store.push(vec![message(200_000)], false).await.is_err() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the full disk never refused a write");
+    let why = store.trouble().expect("a refused write leaves the store not ready");
+    assert!(why.contains("No space left on device"), "{why}");
+
+    std::fs::remove_file(filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store.trouble().is_some() {
+        assert!(Instant::now() < deadline, "space came back a minute ago and the store still says: {:?}", store.trouble());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.push(vec![message(1000)], false).await.expect("a write once the store says it is well");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_publishes_and_defers_events_then_recovers_without_a_restart() {
     let Some(disk) = SmallDisk::mount("16M") else {

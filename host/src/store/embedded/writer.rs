@@ -12,7 +12,10 @@
 //!
 //! An operation that fails its own check (a claim that was lost) fails
 //! alone; a storage failure fails the whole batch, closes the database and
-//! has it reopened (see `handle.rs`).
+//! has it reopened (see `handle.rs`). While it is failing, the thread also
+//! probes on its own every [`PROBE_EVERY`]: an idle host (or one whose
+//! traffic waits for `/readyz`) learns that space is back without a write
+//! of its own.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -20,7 +23,7 @@ use std::sync::mpsc;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table};
 use tokio::sync::oneshot;
 
-use super::codec::{self, CLAIMS, DEAD_LETTERS, QUEUE, STATE, decode_origin_and_size, encode_message};
+use super::codec::{self, CLAIMS, DEAD_LETTERS, META, QUEUE, STATE, decode_origin_and_size, encode_message};
 use super::handle::{Availability, DbHandle};
 use super::leases::Leases;
 use crate::pipeline::StateWrite;
@@ -33,6 +36,12 @@ const MAX_BATCH: usize = 512;
 const PURGE_BATCH: usize = 10_000;
 /// Dead letters kept for listing; the dead-letter topic is the record.
 pub const DEAD_LETTERS_KEPT: u64 = 1000;
+/// How often a failing store is probed when nothing else is written: the
+/// README promises it is written again "within seconds" of space returning.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// The `META` entry a probe writes (its count): a write that must reach the
+/// disk, the only proof that the disk takes writes again.
+const PROBE_KEY: &str = "disk_probes";
 
 /// A change to make.
 pub enum Op {
@@ -44,7 +53,8 @@ pub enum Op {
     Ack { id: MessageId },
     /// Removes expired claims and done markers.
     Purge { now_ms: u64 },
-    /// Nothing: has a closed database reopened, if its backoff allows.
+    /// Has a closed database reopened, if its backoff allows; while the
+    /// store is failing, also writes (and fsyncs) a probe record.
     Probe,
 }
 
@@ -141,7 +151,23 @@ struct QueueChanges {
 
 impl WriterThread {
     fn run(mut self, incoming: mpsc::Receiver<Request>) {
-        while let Ok(first) = incoming.recv() {
+        loop {
+            let first = if self.handle.trouble().is_some() {
+                match incoming.recv_timeout(PROBE_EVERY) {
+                    Ok(request) => request,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        // Nobody waits for this answer.
+                        let (reply, _) = oneshot::channel();
+                        Request { op: Op::Probe, reply }
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match incoming.recv() {
+                    Ok(request) => request,
+                    Err(_) => return,
+                }
+            };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match incoming.try_recv() {
@@ -169,10 +195,13 @@ impl WriterThread {
             }
         };
         let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
-        let durable = ops.iter().any(Op::must_survive_a_crash);
+        // A probe writes only while the store is failing; then it must
+        // reach the disk, or it proves nothing.
+        let probing = self.handle.trouble().is_some() && ops.iter().any(|op| matches!(op, Op::Probe));
+        let durable = probing || ops.iter().any(Op::must_survive_a_crash);
         let finishing: Vec<(usize, ClaimToken)> =
             ops.iter().enumerate().filter_map(|(at, op)| if let Op::Finish(finish) = op { Some((at, finish.claim.clone())) } else { None }).collect();
-        match self.commit(&db, ops, durable) {
+        match self.commit(&db, ops, durable, probing) {
             Ok((results, changes)) => {
                 drop(db);
                 // On disk now: a committed event's done record answers its
@@ -221,9 +250,14 @@ impl WriterThread {
 
     /// One transaction for the whole batch. The outer error is a storage
     /// failure (nothing committed); inner errors belong to one operation.
-    fn commit(&mut self, db: &Database, ops: Vec<Op>, durable: bool) -> Result<(Vec<Result<Applied, StoreError>>, QueueChanges), redb::Error> {
+    fn commit(&mut self, db: &Database, ops: Vec<Op>, durable: bool, probing: bool) -> Result<(Vec<Result<Applied, StoreError>>, QueueChanges), redb::Error> {
         let mut txn = db.begin_write()?;
         txn.set_durability(if durable { Durability::Immediate } else { Durability::None })?;
+        if probing {
+            let mut meta = txn.open_table(META)?;
+            let probes = meta.get(PROBE_KEY)?.map_or(0, |count| count.value());
+            meta.insert(PROBE_KEY, probes + 1)?;
+        }
         let mut changes = QueueChanges::default();
         let mut results = Vec::with_capacity(ops.len());
         {
