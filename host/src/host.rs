@@ -47,6 +47,9 @@ use crate::transport::{dapr_app, publish_api};
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 /// How long a stopping host waits for events in progress.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// After the drain timeout, how long abandoned attempts get to unwind
+/// (their instances dropped, their claims given back) before the stop.
+const ABANDON_GRACE: Duration = Duration::from_secs(5);
 /// How long start-up waits for a Dapr sidecar to come up.
 const SIDECAR_WAIT: Duration = Duration::from_secs(60);
 
@@ -142,6 +145,9 @@ pub struct Host {
     /// stops taking, retries waiting give their events back, background
     /// tasks end.
     stopping: CancellationToken,
+    /// Cancelled when the drain times out: attempts still running are cut
+    /// off while the runtime is still whole (their events come again).
+    abandon: CancellationToken,
 }
 
 impl Host {
@@ -196,6 +202,7 @@ impl Host {
         deployer.restore().await?;
         let tasks = TaskTracker::new();
         let stopping = CancellationToken::new();
+        let abandon = CancellationToken::new();
         let max_in_flight = options.max_in_flight.unwrap_or(2 * engine_config.instance_slots as usize);
         let (publisher, sidecar, embedded): (Arc<dyn Publisher>, _, _) = match wiring {
             Wiring::Sidecar(sidecar) => (Arc::new(sidecar.clone()), Some(sidecar), None),
@@ -213,6 +220,7 @@ impl Host {
             idempotency: manifest.idempotency.clone(),
             clock: options.clock.clone(),
             stopping: stopping.clone(),
+            abandon: abandon.clone(),
             flow: FlowControl::new(embedded.as_ref().map(|(_, queue, _)| queue.index().clone())),
             metrics: metrics.clone(),
         }));
@@ -250,7 +258,7 @@ impl Host {
         // Entries a previous run committed but did not publish go out now.
         relay_trigger.poke();
         let admin_token = options.admin_token.as_deref().map(Arc::from);
-        Ok(Self { registry, pipeline, door, broker, deployer, admin_token, health, metrics, runtime, tasks, stopping })
+        Ok(Self { registry, pipeline, door, broker, deployer, admin_token, health, metrics, runtime, tasks, stopping, abandon })
     }
 
     /// Behind Dapr: topics that handlers deployed at runtime need are
@@ -368,7 +376,22 @@ impl Host {
     pub async fn shutdown(self) {
         self.stopping.cancel();
         self.tasks.close();
-        let finished = tokio::time::timeout(DRAIN_TIMEOUT, self.tasks.wait()).await.is_ok();
+        // Background tasks, the embedded dispatcher's deliveries, and the
+        // deliveries Dapr posted that are still inside the door.
+        let drained = || async {
+            self.tasks.wait().await;
+            while self.door.in_flight() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let finished = tokio::time::timeout(DRAIN_TIMEOUT, drained()).await.is_ok();
+        if !finished {
+            // Cut the attempts off now, while the runtime can still drop
+            // their instances cleanly (a guest left running into the
+            // runtime's teardown would find its timers gone).
+            self.abandon.cancel();
+            let _ = tokio::time::timeout(ABANDON_GRACE, drained()).await;
+        }
         let still_running = self.door.in_flight();
         match &self.health.queue {
             Some((queue, _, durable)) => {
@@ -382,7 +405,7 @@ impl Host {
             None => tracing::info!(still_running, "host stopped; the broker redelivers what was not answered"),
         }
         if !finished {
-            tracing::warn!(still_running, "deliveries still running after {DRAIN_TIMEOUT:?}; stopping anyway (their events come again: nothing of them was committed)");
+            tracing::warn!(still_running, "deliveries still running after {DRAIN_TIMEOUT:?} were cut off; stopping anyway (their events come again: nothing of them was committed)");
         }
     }
 }
@@ -465,16 +488,25 @@ pub fn check(manifest: &Manifest, options: &HostOptions) -> anyhow::Result<usize
 /// Runs the host, serving HTTP on `listener`, until `shutdown`.
 pub async fn run(listener: TcpListener, manifest: Manifest, options: HostOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let host = Host::start(&manifest, &options).await.context("starting the host")?;
-    let stopping = host.stopping();
-    // The stop begins when the signal comes, not when the server has
-    // drained: requests in progress see the door closed and answer RETRY.
-    let signalled = async move {
-        shutdown.await;
-        stopping.cancel();
+    // The server keeps listening while the host drains: deliveries that
+    // come meanwhile find the door closed (RETRY), and `/readyz` says the
+    // host is stopping. It stops once the drain is over.
+    let (drained, server_stops) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(server::serve(listener, host.router(), async move {
+        let _ = server_stops.await;
+    }));
+    let failed_early = tokio::select! {
+        () = shutdown => None,
+        // The server ended on its own (an error): stop the host too.
+        served = &mut server => Some(served),
     };
-    let served = server::serve(listener, host.router(), signalled).await;
     host.shutdown().await;
-    served
+    let _ = drained.send(());
+    let served = match failed_early {
+        Some(served) => served,
+        None => server.await,
+    };
+    served.context("the HTTP server task failed")?
 }
 
 async fn purge_expired(store: Arc<dyn DeliveryStore>, shutdown: CancellationToken) {

@@ -106,6 +106,30 @@ impl EmbeddedHost {
         process.log_text()
     }
 
+    /// SIGTERM without waiting: the host starts its stop.
+    pub fn begin_stop(&self) {
+        self.process.as_ref().expect("the host is running").signal_terminate();
+    }
+
+    /// Waits up to `limit` for a stop begun with [`Self::begin_stop`]; the
+    /// exit status (`None`: still running after `limit`) and the log.
+    pub fn wait_stopped(&mut self, limit: Duration) -> (Option<std::process::ExitStatus>, String) {
+        let mut process = self.process.take().expect("the host is running");
+        let status = process.wait_exit(limit);
+        let log = process.log_text();
+        if status.is_none() {
+            self.process = Some(process);
+        }
+        (status, log)
+    }
+
+    /// `GET /readyz`: the status and body (`None`: no answer).
+    pub async fn readiness(&self) -> Option<(u16, String)> {
+        let response = self.http.get(self.url("/readyz")).send().await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.unwrap_or_default()))
+    }
+
     /// The running process's log.
     pub fn log_text(&self) -> String {
         self.process.as_ref().map(Process::log_text).unwrap_or_default()

@@ -98,17 +98,33 @@ impl Process {
 
     /// SIGTERM and wait: a graceful stop.
     pub fn terminate(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        self.signal_terminate();
+        if self.wait_exit(Duration::from_secs(20)).is_none() {
+            self.kill();
+        }
+    }
+
+    /// SIGTERM, without waiting: the stop begins.
+    pub fn signal_terminate(&self) {
+        if let Some(child) = &self.child {
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, or `None`
+    /// if it is still running (it is then left running).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

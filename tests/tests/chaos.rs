@@ -247,6 +247,63 @@ impl Drop for SmallDisk {
     }
 }
 
+/// A stop while an event is still running: `/readyz` says the host is
+/// stopping for as long as it drains (what a readiness probe or Dapr's app
+/// health check sees), and an attempt that outlives the drain is cut off
+/// cleanly (no panic from a guest left running into the runtime's
+/// teardown); the event is not lost: the next start runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_says_stopping_while_it_drains_and_cuts_off_an_attempt_that_outlives_it() {
+    let scratch = tempfile::tempdir().unwrap();
+    let manifest = scratch.path().join("wasmsub.toml");
+    let (sleeper, recorder) = (guests::SLEEPER, guests::RECORDER);
+    std::fs::write(
+        &manifest,
+        format!(
+            "[[tenant]]\nname = \"slow\"\nlimits = {{ wall_time = \"120s\" }}\n\
+             [[tenant.handler]]\nname = \"sleeper\"\ncomponent = {sleeper:?}\ntopic = \"slow\"\n\
+             [[tenant.handler]]\nname = \"orders\"\ncomponent = {recorder:?}\ntopic = \"orders\"\n"
+        ),
+    )
+    .unwrap();
+    let mut host = EmbeddedHost::start(HOST, &manifest, &scratch.path().join("data"), scratch.path(), &[]);
+    host.wait_ready(Duration::from_secs(60)).await;
+    // Longer than the host's 30 s drain.
+    host.publish_until_accepted("slow", &cloud_event("nap-1", json!({"sleep_ms": 100_000})), Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while host.host_view().await.and_then(|view| view["deliveries_in_flight"].as_u64()) != Some(1) {
+        assert!(Instant::now() < deadline, "the sleeper never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    host.begin_stop();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stopping = loop {
+        match host.readiness().await {
+            Some((503, body)) if body.contains("stopping") => break body,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "/readyz never said the host is stopping");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(stopping.contains("the host is stopping"), "{stopping}");
+
+    let (status, log) = host.wait_stopped(Duration::from_secs(90));
+    let status = status.unwrap_or_else(|| panic!("the host did not stop within 90 s:\n{log}"));
+    assert!(status.success(), "the stop exited {status}:\n{log}");
+    assert!(log.contains("were cut off"), "the stop did not say it cut the attempt off:\n{log}");
+    assert!(!log.contains("panicked"), "a panic during the stop:\n{log}");
+
+    // The event was not committed: the next start runs it again.
+    host.restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while host.host_view().await.and_then(|view| view["deliveries_in_flight"].as_u64()) != Some(1) {
+        assert!(Instant::now() < deadline, "the cut-off event did not come again:\n{}", host.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    host.kill();
+}
+
 /// The host may be idle when space returns, or its traffic may wait for
 /// `/readyz` (a readiness probe, Dapr's app health check): the store must
 /// find out by itself, with no write of anyone's to try.

@@ -57,7 +57,16 @@ impl Pipeline {
         let started = std::time::Instant::now();
         // One span per attempt, a child of the delivery's.
         let span = tracing::info_span!("attempt", messaging.attempt = attempt, handler.version = %component.short_version());
-        let Dispatched { result, instantiation, made_ahead } = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt)).instrument(span).await;
+        let dispatching = self.runtime.dispatch(component.clone(), ctx, to_wit_event(event, attempt)).instrument(span);
+        let Dispatched { result, instantiation, made_ahead } = tokio::select! {
+            dispatched = dispatching => dispatched,
+            // The host's stop timed out: drop the instance here, while the
+            // runtime is whole; nothing was committed, the event comes again.
+            () = self.abandon.cancelled() => {
+                let reason = "the host stopped before the attempt finished; the event comes again".into();
+                return Attempt { result: AttemptResult::Infrastructure(reason), component: Some(component), slot: Some(slot) };
+            }
+        };
         let limit = match &result {
             AttemptResult::Trapped { limit, .. } => limit.map(|l| l.label()),
             _ => None,

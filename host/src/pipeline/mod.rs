@@ -96,6 +96,9 @@ pub(crate) struct PipelineParts {
     /// Cancelled when the host stops: events waiting to retry give up
     /// their claim and are redelivered later, instead of holding the stop.
     pub stopping: CancellationToken,
+    /// Cancelled when the stop's drain times out: attempts still running
+    /// are cut off (no effect committed; the event comes again).
+    pub abandon: CancellationToken,
     /// Per-tenant publish quotas.
     pub flow: flow::FlowControl,
     /// Where deliveries and attempts are counted.
@@ -111,6 +114,7 @@ pub(crate) struct Pipeline {
     idempotency: IdempotencyConfig,
     clock: SharedClock,
     stopping: CancellationToken,
+    abandon: CancellationToken,
     flow: flow::FlowControl,
     metrics: Arc<Metrics>,
     dead_letters: DeadLetterLog,
@@ -148,6 +152,7 @@ impl Pipeline {
             idempotency: parts.idempotency,
             clock: parts.clock,
             stopping: parts.stopping,
+            abandon: parts.abandon,
             flow: parts.flow,
             metrics: parts.metrics,
             dead_letters: DeadLetterLog::default(),
