@@ -172,7 +172,7 @@ Examples:
         #[arg(long = "type", default_value = "com.dapr.event.sent")]
         event_type: String,
         /// Base URL of the host or sidecar.
-        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
+        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500", value_parser = base_url)]
         url: String,
         #[command(flatten)]
         output: OutputArg,
@@ -200,7 +200,7 @@ Examples:
     /// Tenants, handlers, their versions and per-handler counts.
     Status {
         /// Base URL of the host's HTTP server.
-        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
+        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500", value_parser = base_url)]
         url: String,
         #[command(flatten)]
         output: OutputArg,
@@ -208,7 +208,7 @@ Examples:
     /// List the dead letters a running host has recorded (newest last).
     DeadLetters {
         /// Base URL of the host's HTTP server.
-        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
+        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500", value_parser = base_url)]
         url: String,
         #[command(flatten)]
         output: OutputArg,
@@ -242,7 +242,7 @@ enum StateCommand {
         /// The state key, as the handler wrote it.
         key: String,
         /// Base URL of the host's HTTP server.
-        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
+        #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500", value_parser = base_url)]
         url: String,
         /// The host's admin token.
         #[arg(long, env = "WASMSUB_ADMIN_TOKEN", hide_env_values = true)]
@@ -268,7 +268,7 @@ struct TargetArgs {
     #[arg(long)]
     handler: String,
     /// Base URL of the host's HTTP server.
-    #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500")]
+    #[arg(long, env = "WASMSUB_URL", default_value = "http://127.0.0.1:3500", value_parser = base_url)]
     url: String,
     /// The host's admin token (`run --admin-token`).
     #[arg(long, env = "WASMSUB_ADMIN_TOKEN", hide_env_values = true)]
@@ -484,6 +484,16 @@ fn init_tracing() -> anyhow::Result<(Option<wasmsub::telemetry::TracerProvider>,
 /// Log lines the writer thread may fall behind by before logging waits:
 /// enough for a burst of a few thousand events, a bounded few MiB.
 const LOG_LINES_BUFFERED: usize = 16_384;
+
+/// A host or sidecar address for the client commands: an http(s) URL, so a
+/// missing scheme is caught here with a hint, not by the HTTP client.
+fn base_url(text: &str) -> Result<String, String> {
+    if text.starts_with("http://") || text.starts_with("https://") {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("`{text}` is not an http(s) URL; add the scheme, e.g. http://{text}"))
+    }
+}
 
 /// Ctrl-C or SIGTERM (what Kubernetes sends) starts a graceful stop.
 async fn shutdown_signal() {

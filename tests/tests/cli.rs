@@ -90,6 +90,10 @@ fn bad_usage_exits_2_and_failures_exit_1_with_a_reason() {
     let (code, _, stderr) = run(&["status", "--url", "http://127.0.0.1:9"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("http://127.0.0.1:9") && stderr.contains("is `wasmsub run` listening there?"), "{stderr}");
+    // An address without its scheme is bad usage, with the fix in the message.
+    let (code, _, stderr) = run(&["status", "--url", "localhost:3500"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("add the scheme, e.g. http://localhost:3500"), "{stderr}");
     let (code, stdout, _) = run(&["--help"]);
     assert_eq!(code, 0);
     assert!(stdout.contains("Exit codes") && stdout.contains("wasmsub deploy"), "{stdout}");

@@ -40,7 +40,12 @@ pub fn start(registry: Arc<Registry>, deployer: Deployer, shutdown: Cancellation
     .context("starting the component file watcher")?;
     // Watch directories, not files: an atomic rename replaces the file's
     // inode, and a watch on the old inode would go quiet.
-    let dirs: HashSet<PathBuf> = registry.handlers().iter().filter_map(|h| h.config.component.parent().map(PathBuf::from)).collect();
+    // A component named without a directory lives in the current one.
+    let dirs: HashSet<PathBuf> = registry
+        .handlers()
+        .iter()
+        .filter_map(|h| h.config.component.parent().map(|dir| if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir.to_path_buf() }))
+        .collect();
     for dir in &dirs {
         debouncer.watcher().watch(dir, RecursiveMode::NonRecursive).with_context(|| format!("watching {}", dir.display()))?;
         tracing::info!(dir = %dir.display(), "watching for new handler versions");
