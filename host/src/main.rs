@@ -49,7 +49,8 @@ Examples:
   curl -s localhost:3500/metrics                            # Prometheus metrics
 
 Exit codes: 0 success, 1 failure (the message says what and where), 2 bad usage
-(`invoke` adds 3 retry, 4 drop, 5 trap: see `wasmsub invoke --help`).
+(`invoke` adds 3 retry, 4 drop, 5 trap: see `wasmsub invoke --help`; `run` exits 130 on a
+second Ctrl-C or SIGTERM, which stops at once).
 Logs: RUST_LOG=debug (or wasmsub=debug) for more; WASMSUB_LOG_FORMAT=json for JSON lines.";
 
 #[derive(Subcommand)]
@@ -495,8 +496,22 @@ fn base_url(text: &str) -> Result<String, String> {
     }
 }
 
-/// Ctrl-C or SIGTERM (what Kubernetes sends) starts a graceful stop.
+/// Ctrl-C or SIGTERM (what Kubernetes sends) starts a graceful stop; a
+/// second one ends the process at once (safe: nothing uncommitted is
+/// acknowledged, so what was in progress is delivered again).
 async fn shutdown_signal() {
+    stop_signal().await;
+    tracing::info!("shutdown requested; finishing events in progress (a second Ctrl-C or SIGTERM stops at once)");
+    tokio::spawn(async {
+        stop_signal().await;
+        // The log writer is not flushed on this path: say it on stderr.
+        eprintln!("second stop signal: exiting now; events in progress are delivered again after a restart");
+        std::process::exit(130);
+    });
+}
+
+/// The next Ctrl-C or SIGTERM.
+async fn stop_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -515,5 +530,4 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = terminate => {}
     }
-    tracing::info!("shutdown requested; finishing events in progress");
 }

@@ -271,7 +271,7 @@ async fn a_stop_says_stopping_while_it_drains_and_cuts_off_an_attempt_that_outli
     // Longer than the host's 30 s drain.
     host.publish_until_accepted("slow", &cloud_event("nap-1", json!({"sleep_ms": 100_000})), Duration::from_secs(60)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while host.host_view().await.and_then(|view| view["deliveries_in_flight"].as_u64()) != Some(1) {
+    while !running_one(&host).await {
         assert!(Instant::now() < deadline, "the sleeper never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -297,8 +297,55 @@ async fn a_stop_says_stopping_while_it_drains_and_cuts_off_an_attempt_that_outli
     // The event was not committed: the next start runs it again.
     host.restart();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while host.host_view().await.and_then(|view| view["deliveries_in_flight"].as_u64()) != Some(1) {
+    while !running_one(&host).await {
         assert!(Instant::now() < deadline, "the cut-off event did not come again:\n{}", host.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    host.kill();
+}
+
+/// Whether exactly one delivery is inside the host now.
+async fn running_one(host: &EmbeddedHost) -> bool {
+    host.host_view().await.and_then(|view| view["deliveries_in_flight"].as_u64()) == Some(1)
+}
+
+/// A second stop signal does not wait for the drain: the process exits at
+/// once with 130, and what was running is delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_exits_at_once_and_loses_nothing() {
+    let scratch = tempfile::tempdir().unwrap();
+    let manifest = scratch.path().join("wasmsub.toml");
+    let sleeper = guests::SLEEPER;
+    std::fs::write(
+        &manifest,
+        format!("[[tenant]]\nname = \"slow\"\nlimits = {{ wall_time = \"120s\" }}\n[[tenant.handler]]\nname = \"sleeper\"\ncomponent = {sleeper:?}\ntopic = \"slow\"\n"),
+    )
+    .unwrap();
+    let mut host = EmbeddedHost::start(HOST, &manifest, &scratch.path().join("data"), scratch.path(), &[]);
+    host.wait_ready(Duration::from_secs(60)).await;
+    host.publish_until_accepted("slow", &cloud_event("nap-2", json!({"sleep_ms": 100_000})), Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !running_one(&host).await {
+        assert!(Instant::now() < deadline, "the sleeper never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    host.begin_stop();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(host.readiness().await, Some((503, body)) if body.contains("stopping")) {
+        assert!(Instant::now() < deadline, "the first signal did not start the stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    host.begin_stop();
+    // Well under the 30 s drain the first signal alone would wait.
+    let (status, log) = host.wait_stopped(Duration::from_secs(15));
+    let status = status.unwrap_or_else(|| panic!("a second signal did not end the process:\n{log}"));
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("second stop signal"), "{log}");
+
+    host.restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !running_one(&host).await {
+        assert!(Instant::now() < deadline, "the event in progress did not come again:\n{}", host.log_text());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     host.kill();
