@@ -59,6 +59,15 @@ enum Command {
     /// DAPR_HTTP_PORT, which `dapr run` and the sidecar injector set) is
     /// given; otherwise on the embedded broker and store, with Dapr's publish
     /// API on --listen.
+    #[command(after_help = "\
+Examples:
+  wasmsub run --manifest examples/todo/wasmsub.toml                 # embedded broker and store, port 3500
+  wasmsub run -m wasmsub.toml --data-dir /var/lib/wasmsub --watch   # deploy a component when its file changes
+  dapr run --app-id todo --app-port 3000 --dapr-http-port 3500 --resources-path components -- \\
+      wasmsub run -m wasmsub.toml                                    # behind a sidecar (DAPR_HTTP_PORT is set)
+
+Stopping: Ctrl-C or SIGTERM drains (up to 30 s; /readyz says the host is stopping); a second one
+exits at once with 130. Exit codes: 0 stopped, 1 failure (the message says what and where), 2 bad usage.")]
     Run {
         #[command(flatten)]
         host: HostArgs,

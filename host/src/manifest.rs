@@ -317,6 +317,10 @@ impl Manifest {
         if self.tenants.is_empty() {
             bail!("no [[tenant]] is defined: the host would have nothing to run");
         }
+        if self.idempotency.ttl.is_zero() {
+            // A done record that expires at once dedupes nothing.
+            bail!("idempotency.ttl must be longer than zero: it is how long a processed event is remembered against redeliveries");
+        }
         let mut tenant_names = HashSet::new();
         let mut namespaces = HashSet::new();
         let mut routes = HashSet::new();
@@ -541,6 +545,8 @@ mod tests {
         assert!(err.contains("loop back"), "{err}");
         let err = error_of(&GOOD.replace(r#"ttl = "1h""#, r#"ttl = "soon""#));
         assert!(err.contains("ttl"), "{err}");
+        let err = error_of(&GOOD.replace(r#"ttl = "1h""#, r#"ttl = "0s""#));
+        assert!(err.contains("idempotency.ttl must be longer than zero"), "{err}");
     }
 
     #[test]
