@@ -386,6 +386,31 @@ async fn bulk_deliveries_are_answered_per_entry() {
     assert_each_counted_once(daprd, stack.redis.as_ref().unwrap(), "bulky", &count_keys, Duration::from_secs(60)).await;
 }
 
+/// Redis Streams hands Dapr at most its `concurrency` (32 in
+/// components/pubsub.yaml) messages at once, so bulk requests asked for up
+/// to 100 never fill and each waits `max_await_ms`: nothing fails, so the
+/// host must say it, once, with the number to use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_requests_held_back_by_the_components_concurrency_are_reported_once() {
+    let bulk = "bulk = { max_messages = 100, max_await_ms = 300 }";
+    let stack = Stack::start("held", &manifest("", &[("orders", guests::RECORDER, "orders", bulk)]), &[]).await;
+    // A backlog: published far faster than 32 events per 300 ms drain.
+    let keys: Vec<String> = (0..1000).map(|i| format!("held-{i}")).collect();
+    let events: Vec<Value> = keys.iter().map(|key| cloud_event(key, json!({"key": key}))).collect();
+    for chunk in events.chunks(50) {
+        futures_util::future::join_all(chunk.iter().map(|event| stack.client.publish("orders", event))).await;
+    }
+    let warning = "bulk requests on this route carry at most 32 events";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stack.host.log_text().contains(warning) {
+        assert!(Instant::now() < deadline, "no warning about held-back bulk requests:\n{}", stack.host.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = stack.host.log_text();
+    assert!(log.contains("set the handler's bulk max_messages to 32 or less"), "{log}");
+    assert_eq!(log.matches(warning).count(), 1, "the warning repeats:\n{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_sharing_a_topic_each_get_it_and_rules_route_by_type() {
     let r = guests::RECORDER;
