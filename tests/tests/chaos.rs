@@ -255,37 +255,9 @@ impl Drop for SmallDisk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_says_stopping_while_it_drains_and_cuts_off_an_attempt_that_outlives_it() {
     let scratch = tempfile::tempdir().unwrap();
-    let manifest = scratch.path().join("wasmsub.toml");
-    let (sleeper, recorder) = (guests::SLEEPER, guests::RECORDER);
-    std::fs::write(
-        &manifest,
-        format!(
-            "[[tenant]]\nname = \"slow\"\nlimits = {{ wall_time = \"120s\" }}\n\
-             [[tenant.handler]]\nname = \"sleeper\"\ncomponent = {sleeper:?}\ntopic = \"slow\"\n\
-             [[tenant.handler]]\nname = \"orders\"\ncomponent = {recorder:?}\ntopic = \"orders\"\n"
-        ),
-    )
-    .unwrap();
-    let mut host = EmbeddedHost::start(HOST, &manifest, &scratch.path().join("data"), scratch.path(), &[]);
-    host.wait_ready(Duration::from_secs(60)).await;
-    // Longer than the host's 30 s drain.
-    host.publish_until_accepted("slow", &cloud_event("nap-1", json!({"sleep_ms": 100_000})), Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !running_one(&host).await {
-        assert!(Instant::now() < deadline, "the sleeper never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
+    let mut host = napping_host(scratch.path()).await;
     host.begin_stop();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let stopping = loop {
-        match host.readiness().await {
-            Some((503, body)) if body.contains("stopping") => break body,
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "/readyz never said the host is stopping");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let stopping = wait_until_stopping(&host).await;
     assert!(stopping.contains("the host is stopping"), "{stopping}");
 
     let (status, log) = host.wait_stopped(Duration::from_secs(90));
@@ -296,17 +268,8 @@ async fn a_stop_says_stopping_while_it_drains_and_cuts_off_an_attempt_that_outli
 
     // The event was not committed: the next start runs it again.
     host.restart();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !running_one(&host).await {
-        assert!(Instant::now() < deadline, "the cut-off event did not come again:\n{}", host.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_running_one(&host, "the cut-off event did not come again").await;
     host.kill();
-}
-
-/// Whether exactly one delivery is inside the host now.
-async fn running_one(host: &EmbeddedHost) -> bool {
-    host.host_view().await.and_then(|view| view["deliveries_in_flight"].as_u64()) == Some(1)
 }
 
 /// A second stop signal does not wait for the drain: the process exits at
@@ -314,27 +277,9 @@ async fn running_one(host: &EmbeddedHost) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_stop_signal_exits_at_once_and_loses_nothing() {
     let scratch = tempfile::tempdir().unwrap();
-    let manifest = scratch.path().join("wasmsub.toml");
-    let sleeper = guests::SLEEPER;
-    std::fs::write(
-        &manifest,
-        format!("[[tenant]]\nname = \"slow\"\nlimits = {{ wall_time = \"120s\" }}\n[[tenant.handler]]\nname = \"sleeper\"\ncomponent = {sleeper:?}\ntopic = \"slow\"\n"),
-    )
-    .unwrap();
-    let mut host = EmbeddedHost::start(HOST, &manifest, &scratch.path().join("data"), scratch.path(), &[]);
-    host.wait_ready(Duration::from_secs(60)).await;
-    host.publish_until_accepted("slow", &cloud_event("nap-2", json!({"sleep_ms": 100_000})), Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !running_one(&host).await {
-        assert!(Instant::now() < deadline, "the sleeper never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut host = napping_host(scratch.path()).await;
     host.begin_stop();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(host.readiness().await, Some((503, body)) if body.contains("stopping")) {
-        assert!(Instant::now() < deadline, "the first signal did not start the stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_stopping(&host).await;
     host.begin_stop();
     // Well under the 30 s drain the first signal alone would wait.
     let (status, log) = host.wait_stopped(Duration::from_secs(15));
@@ -343,12 +288,45 @@ async fn a_second_stop_signal_exits_at_once_and_loses_nothing() {
     assert!(log.contains("second stop signal"), "{log}");
 
     host.restart();
+    wait_running_one(&host, "the event in progress did not come again").await;
+    host.kill();
+}
+
+/// A host whose one handler is running an event that sleeps 100 s (longer
+/// than the host's 30 s drain), under a 120 s wall-clock limit.
+async fn napping_host(dir: &std::path::Path) -> EmbeddedHost {
+    let manifest = dir.join("wasmsub.toml");
+    let sleeper = guests::SLEEPER;
+    let text = format!("[[tenant]]\nname = \"slow\"\nlimits = {{ wall_time = \"120s\" }}\n[[tenant.handler]]\nname = \"sleeper\"\ncomponent = {sleeper:?}\ntopic = \"slow\"\n");
+    std::fs::write(&manifest, text).unwrap();
+    let host = EmbeddedHost::start(HOST, &manifest, &dir.join("data"), dir, &[]);
+    host.wait_ready(Duration::from_secs(60)).await;
+    host.publish_until_accepted("slow", &cloud_event("nap", json!({"sleep_ms": 100_000})), Duration::from_secs(60)).await;
+    wait_running_one(&host, "the sleeper never started").await;
+    host
+}
+
+/// Waits (up to a minute) until exactly one delivery is inside the host.
+async fn wait_running_one(host: &EmbeddedHost, otherwise: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !running_one(&host).await {
-        assert!(Instant::now() < deadline, "the event in progress did not come again:\n{}", host.log_text());
+    while host.host_view().await.and_then(|view| view["deliveries_in_flight"].as_u64()) != Some(1) {
+        assert!(Instant::now() < deadline, "{otherwise}:\n{}", host.log_text());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    host.kill();
+}
+
+/// Waits (up to 20 s) until `/readyz` says the host is stopping; its body.
+async fn wait_until_stopping(host: &EmbeddedHost) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((503, body)) = host.readiness().await
+            && body.contains("stopping")
+        {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/readyz never said the host is stopping");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The host may be idle when space returns, or its traffic may wait for
